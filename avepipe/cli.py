@@ -1,0 +1,126 @@
+"""The ``avepipe`` command line. Thin: parse options, call the stage functions, render with rich.
+
+Exit codes: 0 success; 1 some videos failed (listed, and stored under /failed in the cache); 2 usage error (bad
+option, unreadable list, locked cache, mixed feature specs, missing weights); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audio-visual event localization: raw video -> features -> models -> per-second labels.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and merge feature caches.")
+app.add_typer(cache_app, name="cache")
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def fail_usage(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        fail_usage(f"--shard {text!r}: expected K/N, e.g. 0/4 (K counts from 0)")
+    if n < 1 or not 0 <= k < n:
+        fail_usage(f"--shard {text!r}: need 0 <= K < N")
+    return k, n
+
+
+@app.command()
+def extract(
+    paths: List[Path] = typer.Argument(None, help="Video files and/or directories (searched recursively)."),
+    cache: Path = typer.Option(..., "--cache", help="HDF5 feature cache to create or complete."),
+    list_file: Optional[Path] = typer.Option(None, "--list", help="Text file with one video path per line."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    batch_size: int = typer.Option(0, help="Frames per VGG-19 forward (0: 128 on GPU, 32 on CPU)."),
+    workers: int = typer.Option(-1, help="Decoder processes (-1: min(8, CPUs); 0: decode in this process)."),
+    vgg19_weights: Optional[Path] = typer.Option(None, help="Keras VGG-19 no-top .h5 (default: weights dir)."),
+    vggish_weights: Optional[str] = typer.Option(None, help="torchvggish state dict .pth, or 'random' (NOT real features)."),
+    pca: bool = typer.Option(False, "--pca", help="Apply VGGish PCA + 8-bit quantisation (off in the AVE spec)."),
+    pca_params: Optional[Path] = typer.Option(None, help="vggish_pca_params.npz (default: weights dir)."),
+    sampling: str = typer.Option("ave", help="ave: AVE-compatible (all frames, OpenCV-like resize); fps: ffmpeg fps=16 + scale (faster, approximate)."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+    shard: Optional[str] = typer.Option(None, help="K/N: only the videos whose id hashes to shard K of N (K from 0)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos recorded as failed."),
+) -> None:
+    """Extract AVE-compatible VGG-19 pool5 + VGGish features into a resumable HDF5 cache."""
+    from avepipe.cache import CacheError
+    from avepipe.extract import ExtractConfig, UsageError, discover, run_extract
+    from avepipe.render import ExtractProgress, render_extract_report
+
+    config = ExtractConfig(
+        device=device, batch_size=batch_size, workers=workers,
+        vgg19_weights=str(vgg19_weights) if vgg19_weights else None, vggish_weights=vggish_weights,
+        pca=pca, pca_params=str(pca_params) if pca_params else None, sampling=sampling, precision=precision,
+        shard=parse_shard(shard), retry_failed=retry_failed,
+    )
+    try:
+        videos = discover(paths or [], str(list_file) if list_file else None)
+        with ExtractProgress(console, errors) as progress:
+            report = run_extract(videos, cache, config, progress.update)
+    except (UsageError, CacheError) as exc:
+        fail_usage(str(exc))
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/]: finished videos are kept; run the same command again to continue")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    render_extract_report(console, errors, report, cache)
+    raise typer.Exit(report.exit_code)
+
+
+@cache_app.command("ls")
+def cache_ls(
+    cache: Path = typer.Argument(..., help="Cache file."),
+    failed: bool = typer.Option(False, "--failed", help="List only the failures."),
+) -> None:
+    """List the videos in a cache (and its recorded failures)."""
+    from avepipe.cache import CacheError, FeatureCache
+    from avepipe.render import render_cache
+
+    try:
+        reader = FeatureCache(cache, "r")
+        render_cache(console, reader, failed_only=failed)
+    except CacheError as exc:
+        fail_usage(str(exc))
+
+
+@cache_app.command("merge")
+def cache_merge(
+    inputs: List[Path] = typer.Argument(..., help="Caches to join (same feature spec)."),
+    out: Path = typer.Option(..., "--out", help="Output cache."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Join shard caches into one; refuses caches built with different feature specs."""
+    from avepipe.cache import CacheError, merge
+
+    try:
+        count = merge([str(p) for p in inputs], out, overwrite=overwrite)
+    except CacheError as exc:
+        fail_usage(str(exc))
+    console.print(f"merged {len(inputs)} caches into {out}: {count} videos")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Model registry: every localization model registers here under its paper name.
+
+The contract every model follows (the training loop, evaluate and localize rely on it):
+
+* ``__init__(self, task: str, **config)`` where ``task`` is one of ``supervised``, ``weak``, ``cml`` and ``config`` is the
+  model's entry of ``default_config`` (possibly overridden by the user).
+* ``forward(visual, audio, mask)`` for ``supervised`` / ``weak``: ``visual`` float [B, T, 7, 7, Dv] (channel-last pool5
+  maps), ``audio`` float [B, T, Da], ``mask`` bool [B, T] (True on real seconds; padded seconds must not influence the real
+  ones). Returns a dict with at least ``segment_logits`` [B, T, 29] (background is class 28); weak models also return
+  ``video_logits`` [B, 29] (MIL pooling over the real seconds).
+* ``forward_cml(visual, audio, mask, query_mask, direction)`` for ``cml``: ``query_mask`` bool [B, T] marks the event
+  seconds of the query modality (audio for ``a2v``, visual for ``v2a``); only those seconds of the query modality may be
+  used. Returns a dict with ``match_logits`` [B, T]: per-second score that the candidate modality's second belongs to the
+  matching span; decoding (max contiguous sum of the query length) is in ``avepipe.metrics``.
+* ``loss(outputs, batch, task) -> scalar tensor`` where ``batch`` holds ``labels`` long [B, T] (0..28), ``event`` float
+  [B, T], ``video_label`` long [B] (category, 28 for background-only videos), ``mask`` bool [B, T] and, for cml,
+  ``query_mask`` / ``target_mask`` bool [B, T].
+* ``predict(outputs, task)`` -> long [B, T] segment labels (supervised / weak).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+TASKS = ("supervised", "weak", "cml")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    cls: type[torch.nn.Module]
+    tasks: tuple[str, ...]
+    paper: str
+    # {"model": {...constructor kwargs...}, "train": {"lr", "batch_size", "epochs", "optimizer", "lr_step", "lr_gamma", ...}}
+    default_config: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, *, tasks: tuple[str, ...], paper: str, default_config: dict[str, Any]) -> Callable:
+    """Class decorator adding a model to the registry."""
+
+    def wrap(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        unknown = set(tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"model {name!r}: unknown tasks {sorted(unknown)}")
+        _REGISTRY[name] = ModelSpec(name, cls, tuple(tasks), paper, default_config)
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    # Importing the package registers every model (each module applies @register at import time).
+    import avepipe.models  # noqa: F401
+
+
+def get_spec(name: str) -> ModelSpec:
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def model_names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, task: str, model_config: dict[str, Any] | None = None) -> torch.nn.Module:
+    spec = get_spec(name)
+    if task not in spec.tasks:
+        raise ValueError(f"model {name!r} does not support task {task!r} (supports: {', '.join(spec.tasks)})")
+    config = dict(spec.default_config.get("model", {}))
+    config.update(model_config or {})
+    return spec.cls(task=task, **config)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,272 @@
+"""DAM: shapes, masks, CML leakage, gradient flow, and learning synthetic SEL / CML tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avepipe.models.dam import BACKGROUND, DAM
+from avepipe.models.registry import build_model, get_spec, parameter_count
+
+try:
+    from avepipe.data.synthetic import make_synthetic_ave
+except ImportError:  # the shared generator is written concurrently; same API
+    make_synthetic_ave = None
+
+try:
+    from avepipe.metrics import cml_predict
+except ImportError:
+    cml_predict = None
+
+SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 64, "lstm_hidden": 32, "cml_hidden": 64, "cml_dim": 32}
+
+
+def _synthetic(n_videos, *, seconds=10, visual_dim=512, audio_dim=128, seed=0, noise=1.0, min_event=1, max_event=10):
+    if make_synthetic_ave is not None:
+        return make_synthetic_ave(
+            n_videos, seconds=seconds, visual_dim=visual_dim, audio_dim=audio_dim, seed=seed, noise=noise,
+            min_event=min_event, max_event=max_event,
+        )
+    # Fallback with the same API: one event span per video; its class adds a class prototype to the audio and to one
+    # random 2x2 block of the visual map.
+    g = torch.Generator().manual_seed(seed)
+    proto_v, proto_a = torch.randn(28, visual_dim, generator=g), torch.randn(28, audio_dim, generator=g)
+    visual = noise * torch.randn(n_videos, seconds, 7, 7, visual_dim, generator=g)
+    audio = noise * torch.randn(n_videos, seconds, audio_dim, generator=g)
+    labels = torch.full((n_videos, seconds), BACKGROUND)
+    video_label = torch.randint(0, 28, (n_videos,), generator=g)
+    for i in range(n_videos):
+        length = int(torch.randint(min_event, min(max_event, seconds) + 1, (1,), generator=g))
+        start = int(torch.randint(0, seconds - length + 1, (1,), generator=g))
+        y, x = torch.randint(0, 6, (2,), generator=g).tolist()
+        c = int(video_label[i])
+        labels[i, start : start + length] = c
+        visual[i, start : start + length, y : y + 2, x : x + 2] += 2 * proto_v[c]
+        audio[i, start : start + length] += proto_a[c]
+    event = (labels != BACKGROUND).float()
+    return {"visual": visual, "audio": audio, "labels": labels, "event": event, "video_label": video_label,
+            "mask": torch.ones(n_videos, seconds, dtype=torch.bool)}
+
+
+def _decode(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Start of the length-L window with the largest summed score (brute force unless avepipe.metrics has it)."""
+    if cml_predict is not None:
+        return cml_predict(scores, lengths)
+    starts = []
+    for row, length in zip(scores, lengths.tolist()):
+        sums = row.unfold(0, length, 1).sum(-1)
+        starts.append(int(sums.argmax()))
+    return torch.tensor(starts)
+
+
+def _exact_match(model: DAM, data: dict, direction: str) -> float:
+    query = data["event"].bool()
+    with torch.no_grad():
+        scores = model.forward_cml(data["visual"], data["audio"], data["mask"], query, direction)["match_logits"]
+    # The paper sums the per-second prediction scores sigma(phi . f_t).
+    pred = _decode(torch.sigmoid(scores), query.sum(1))
+    if pred.dim() == 2:  # a decoder returning the predicted span as a mask
+        return (pred.bool() == query).all(1).float().mean().item()
+    return (pred == query.float().argmax(1)).float().mean().item()
+
+
+def _batch(data: dict, idx: torch.Tensor) -> dict:
+    batch = {k: v[idx] for k, v in data.items()}
+    batch["query_mask"] = batch["target_mask"] = batch["event"].bool()
+    return batch
+
+
+def _train(model: DAM, data: dict, *, epochs: int, lr: float, batch_size: int, task: str, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n = data["labels"].shape[0]
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(n).split(batch_size):
+            b = _batch(data, idx)
+            if task == "cml":
+                # DAM trains both matching directions (Eq. 5-7); here one BCE per direction, summed.
+                loss = sum(
+                    model.loss(model.forward_cml(b["visual"], b["audio"], b["mask"], b["query_mask"], d), b, "cml")
+                    for d in ("a2v", "v2a")
+                )
+            else:
+                loss = model.loss(model(b["visual"], b["audio"], b["mask"]), b, "supervised")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+# ---- registry and shapes ----------------------------------------------------------------------------------------------
+
+
+def test_registered_with_paper_defaults():
+    spec = get_spec("dam")
+    assert spec.cls is DAM and spec.tasks == ("supervised", "cml")
+    cfg = spec.default_config["model"]
+    assert (cfg["visual_dim"], cfg["audio_dim"], cfg["lambda_category"]) == (512, 128, 0.5)
+    with pytest.raises(ValueError):
+        build_model("dam", "weak")
+
+
+@pytest.mark.parametrize("seconds", [10, 3])
+def test_supervised_shapes_real_dims(seconds):
+    torch.manual_seed(0)
+    model = build_model("dam", "supervised").eval()
+    data = _synthetic(2, seconds=seconds, max_event=seconds)
+    out = model(data["visual"], data["audio"], data["mask"])
+    assert out["segment_logits"].shape == (2, seconds, 29)
+    assert out["category_logits"].shape == (2, 28)
+    pred = model.predict(out, "supervised")
+    assert pred.shape == (2, seconds) and pred.dtype == torch.long
+    # The scores encode the paper's decision rule, so argmax and predict agree.
+    assert torch.equal(out["segment_logits"].argmax(-1), pred)
+
+
+@pytest.mark.parametrize("seconds", [10, 3])
+@pytest.mark.parametrize("direction", ["a2v", "v2a"])
+def test_cml_shapes_real_dims(seconds, direction):
+    torch.manual_seed(0)
+    model = build_model("dam", "cml").eval()
+    data = _synthetic(2, seconds=seconds, max_event=seconds)
+    out = model.forward_cml(data["visual"], data["audio"], data["mask"], data["event"].bool(), direction)
+    assert out["match_logits"].shape == (2, seconds)
+    assert torch.isfinite(out["match_logits"]).all()
+
+
+def test_predict_rule():
+    model = build_model("dam", "supervised", SMALL)
+    log_rel = torch.log(torch.tensor([[0.2, 0.5, 0.9]]))
+    out = {"category_logits": torch.zeros(1, 28).index_fill(1, torch.tensor([7]), 3.0), "log_relevance": log_rel,
+           "log_background": torch.log1p(-log_rel.exp())}
+    assert model.predict(out, "supervised").tolist() == [[BACKGROUND, 7, 7]]
+
+
+# ---- masks and leakage ------------------------------------------------------------------------------------------------
+
+
+def test_supervised_padding_does_not_change_real_seconds():
+    torch.manual_seed(0)
+    model = build_model("dam", "supervised", SMALL).eval()
+    data = _synthetic(3, seconds=10, visual_dim=64, audio_dim=32, max_event=6)
+    mask = data["mask"].clone()
+    mask[0, 6:] = False
+    mask[2, 3:] = False
+    out1 = model(data["visual"], data["audio"], mask)
+    visual, audio = data["visual"].clone(), data["audio"].clone()
+    visual[~mask] = 100 * torch.randn_like(visual[~mask])
+    audio[~mask] = -50.0
+    out2 = model(visual, audio, mask)
+    for key in ("segment_logits", "category_logits"):
+        a, b = out1[key], out2[key]
+        if a.dim() == 3:
+            a, b = a[mask], b[mask]
+        torch.testing.assert_close(a, b)
+    # ... and equal to running the real seconds alone.
+    alone = model(data["visual"][2:, :3], data["audio"][2:, :3], data["mask"][2:, :3])
+    torch.testing.assert_close(alone["segment_logits"][0], out1["segment_logits"][2, :3])
+
+
+def test_supervised_rejects_non_prefix_mask():
+    model = build_model("dam", "supervised", SMALL)
+    data = _synthetic(1, visual_dim=64, audio_dim=32)
+    mask = data["mask"].clone()
+    mask[0, 2] = False
+    with pytest.raises(ValueError):
+        model(data["visual"], data["audio"], mask)
+
+
+@pytest.mark.parametrize("direction", ["a2v", "v2a"])
+def test_cml_query_modality_used_only_inside_query(direction):
+    torch.manual_seed(0)
+    model = build_model("dam", "cml", SMALL).eval()
+    data = _synthetic(4, visual_dim=64, audio_dim=32, min_event=2, max_event=6, seed=1)
+    query, mask = data["event"].bool(), data["mask"]
+    ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
+    visual, audio = data["visual"].clone(), data["audio"].clone()
+    if direction == "a2v":
+        audio[~query] = 10 * torch.randn_like(audio[~query])
+    else:
+        visual[~query] = 10 * torch.randn_like(visual[~query])
+    changed = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
+    torch.testing.assert_close(changed, ref)
+    # The query modality inside the query does matter (otherwise the check above would be vacuous).
+    if direction == "a2v":
+        audio[query] += 5 * torch.randn_like(audio[query])
+    else:
+        visual[query] += 5 * torch.randn_like(visual[query])
+    inside = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
+    assert not torch.allclose(inside, ref)
+
+
+def test_cml_padding_does_not_change_real_seconds():
+    torch.manual_seed(0)
+    model = build_model("dam", "cml", SMALL).eval()
+    data = _synthetic(2, visual_dim=64, audio_dim=32, min_event=2, max_event=4, seed=2)
+    mask = data["mask"].clone()
+    mask[:, 8:] = False
+    query = data["event"].bool() & mask
+    for direction in ("a2v", "v2a"):
+        ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
+        visual, audio = data["visual"].clone(), data["audio"].clone()
+        visual[:, 8:] = 7.0
+        audio[:, 8:] = -7.0
+        out = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
+        torch.testing.assert_close(out[mask], ref[mask])
+        assert (out[~mask] < -1e3).all()  # padded seconds can never win a decoding window
+
+
+# ---- gradient flow ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["supervised", "cml"])
+def test_gradient_reaches_every_parameter(task):
+    torch.manual_seed(0)
+    model = build_model("dam", task, SMALL)
+    data = _synthetic(4, visual_dim=64, audio_dim=32, min_event=2, max_event=8, seed=3)
+    b = _batch(data, torch.arange(4))
+    if task == "cml":
+        loss = sum(
+            model.loss(model.forward_cml(b["visual"], b["audio"], b["mask"], b["query_mask"], d), b, "cml")
+            for d in ("a2v", "v2a")
+        )
+    else:
+        loss = model.loss(model(b["visual"], b["audio"], b["mask"]), b, "supervised")
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---- learning ---------------------------------------------------------------------------------------------------------
+
+
+def test_learns_synthetic_supervised():
+    torch.manual_seed(0)
+    data = _synthetic(500, visual_dim=64, audio_dim=32, seed=10)
+    train = {k: v[:400] for k, v in data.items()}
+    test = {k: v[400:] for k, v in data.items()}
+    model = build_model("dam", "supervised", SMALL)
+    _train(model, train, epochs=25, lr=1e-3, batch_size=32, task="supervised")
+    with torch.no_grad():
+        pred = model.predict(model(test["visual"], test["audio"], test["mask"]), "supervised")
+    accuracy = (pred == test["labels"]).float().mean().item()
+    assert accuracy >= 0.95, accuracy
+
+
+def test_learns_synthetic_cml():
+    torch.manual_seed(0)
+    data = _synthetic(600, visual_dim=64, audio_dim=32, min_event=2, max_event=9, seed=20)
+    train = {k: v[:480] for k, v in data.items()}
+    test = {k: v[480:] for k, v in data.items()}
+    model = build_model("dam", "cml", SMALL)
+    _train(model, train, epochs=25, lr=1e-3, batch_size=32, task="cml")
+    for direction in ("a2v", "v2a"):
+        accuracy = _exact_match(model, test, direction)
+        assert accuracy >= 0.90, (direction, accuracy)
+
+
+def test_parameter_count_real_dims():
+    # Pinned so a change of architecture is a conscious one (docs/models.md quotes these numbers).
+    assert parameter_count(build_model("dam", "supervised")) == 2_892_877
+    assert parameter_count(build_model("dam", "cml")) == 577_201
