@@ -58,6 +58,15 @@ def _attr(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value.item() if isinstance(value, np.generic) else value
 
 
+def _storable(value: Any) -> Any:
+    """HDF5 attributes take plain str / numbers / bools; numpy scalars of str kind would become fixed-width unicode."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return {key: _attr(value) for key, value in obj.attrs.items()}
 
@@ -269,7 +278,7 @@ class FeatureCache:
             f.create_dataset("visual", data=np.ascontiguousarray(visual, dtype=np.float32))
             f.create_dataset("audio", data=np.ascontiguousarray(audio, dtype=np.float32))
             for key, value in attrs.items():
-                f.attrs[key] = value
+                f.attrs[key] = _storable(value)
         _replace_atomically(tmp, final)
         failed = self.staging / f"{video_id}{FAILED_SUFFIX}"
         if failed.exists():
@@ -341,7 +350,7 @@ class FeatureCache:
                     if video_id not in done:
                         group = failed.create_group(video_id)
                         for key, value in record.items():
-                            group.attrs[key] = value
+                            group.attrs[key] = _storable(value)
         finally:
             if old is not None:
                 old.close()

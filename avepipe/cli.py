@@ -1,11 +1,13 @@
 """The ``avepipe`` command line. Thin: parse options, call the stage functions, render with rich.
 
 Exit codes: 0 success; 1 some videos failed (listed, and stored under /failed in the cache); 2 usage error (bad
-option, unreadable list, locked cache, mixed feature specs, missing weights); 130 interrupted.
+option, unreadable list, locked cache, mixed feature specs, missing weights); 3 internal error (a bug: one line,
+``AVEPIPE_DEBUG=1`` shows the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,7 +24,7 @@ app.add_typer(cache_app, name="cache")
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def fail_usage(message: str) -> None:
@@ -120,6 +122,12 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug, not bad input: one line, the traceback only on request
+        if os.environ.get("AVEPIPE_DEBUG"):
+            raise
+        errors.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set AVEPIPE_DEBUG=1 for the traceback "
+                     "and please report it)", soft_wrap=True)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

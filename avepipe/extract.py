@@ -147,12 +147,15 @@ def decode_messages(vid: str, path: str, sampling: str, chunk_seconds: int) -> I
 
 def _worker(tasks: "mp.Queue", results: "mp.Queue", sampling: str, chunk_seconds: int) -> None:
     torch.set_num_threads(1)
+    parent = os.getppid()
     while True:
         task = tasks.get()
         if task is None:
             return
         vid, path = task
         for message in decode_messages(vid, path, sampling, chunk_seconds):
+            if os.getppid() != parent:  # the main process was killed (kill -9 skips cleanup): do not linger
+                return
             results.put(message)
 
 
@@ -223,14 +226,19 @@ class Backbones:
     def __init__(self, config: ExtractConfig, device: torch.device):
         self.device = device
         self.autocast = resolve_precision(config.precision, device)
-        vgg_path = Path(config.vgg19_weights) if config.vgg19_weights else weights_mod.default_path("vgg19")
-        if not vgg_path.is_file():
-            raise UsageError(f"{vgg_path}: VGG-19 weights not found (run `avepipe weights download` or pass --vgg19-weights)")
-        self.vgg19_info = weights_mod.identify("vgg19", vgg_path)
-        try:
-            self.vgg19 = load_vgg19(vgg_path, map_location=device)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        if config.vgg19_weights == weights_mod.RANDOM:  # benchmarks only: speed does not depend on the values
+            torch.manual_seed(0)
+            self.vgg19 = load_vgg19(None, map_location=device)
+            self.vgg19_info = weights_mod.identify_tensors("vgg19", weights_mod.RANDOM, self.vgg19.state_dict())
+        else:
+            vgg_path = Path(config.vgg19_weights) if config.vgg19_weights else weights_mod.default_path("vgg19")
+            if not vgg_path.is_file():
+                raise UsageError(f"{vgg_path}: VGG-19 weights not found (run `avepipe weights download` or pass --vgg19-weights)")
+            self.vgg19_info = weights_mod.identify("vgg19", vgg_path)
+            try:
+                self.vgg19 = load_vgg19(vgg_path, map_location=device)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         self.vggish, self.vggish_info, self.pca_info = self._load_vggish(config, device)
         if device.type == "cuda":
             self.vgg19 = self.vgg19.to(memory_format=torch.channels_last)

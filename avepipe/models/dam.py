@@ -3,8 +3,8 @@
 Notation of the paper -> code (``docs/models.md``, section DAM, has the full mapping and every choice where the paper is
 silent):
 
-* local features ``f_t^A``, ``f_t^V``: ``_local_features_*`` (AVEL's low-level structure: audio-guided visual attention,
-  then BiLSTMs for SEL; per-second MLP embeddings for CML, as AVEL's cross-modal matching network).
+* local features ``f_t^A``, ``f_t^V``: ``audio_local`` / ``visual_local`` after the audio-guided visual attention (AVEL's
+  low-level structure: BiLSTMs for SEL; per-second MLP embeddings for CML, as AVEL's cross-modal matching network).
 * event-based global feature ``phi(S) = mean(self-att(F_E))`` (Eq. 1-4): ``GlobalEventEmbedding``.
 * cross-modal dual matching ``p_t^A = sigma(phi^V . f_t^A)``, ``p_t^V = sigma(phi^A . f_t^V)`` (Eq. 5-6), their average
   ``p_t`` (Eq. 7): ``forward``; CML uses one direction (the query's global feature against the candidate's locals).
@@ -18,65 +18,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from avepipe.models.layers import AudioGuidedVisualAttention, MaskedLSTM, masked_mean, zero_padded
 from avepipe.models.registry import register
 
 NUM_CLASSES = 29
 BACKGROUND = 28
 # Score given to padded seconds in CML: far below any real score, finite so window sums and losses stay finite.
 PAD_SCORE = -1e4
-
-
-def _check_prefix_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Lengths of a [B, T] mask whose real seconds are a non-empty prefix (padding at the end)."""
-    lengths = mask.sum(1)
-    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
-    if bool((lengths == 0).any()) or not torch.equal(prefix, mask):
-        raise ValueError("mask must mark a non-empty prefix of real seconds in every video")
-    return lengths
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x [B, T, D] over the seconds where mask [B, T] is True (where(), so junk elsewhere cannot leak in)."""
-    x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return x.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
-
-
-class AudioGuidedAttention(nn.Module):
-    """AVEL's audio-guided visual attention: a softmax over the S*S regions of a pool5 map, scored by
-    ``w^T tanh(U_v relu(W_v v_i) + U_a relu(W_a a))``; returns the attention-weighted sum of the raw region vectors."""
-
-    def __init__(self, visual_dim: int, audio_dim: int, hidden: int, att_dim: int):
-        super().__init__()
-        self.visual_in = nn.Linear(visual_dim, hidden)
-        self.audio_in = nn.Linear(audio_dim, hidden)
-        self.visual_att = nn.Linear(hidden, att_dim, bias=False)
-        self.audio_att = nn.Linear(hidden, att_dim, bias=False)
-        self.score = nn.Linear(att_dim, 1, bias=False)
-
-    def forward(self, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """visual [B, T, S, S, Dv], audio guide [B, T, Da] -> attended visual [B, T, Dv]."""
-        regions = visual.flatten(2, 3)  # [B, T, S*S, Dv]
-        v = self.visual_att(F.relu(self.visual_in(regions)))
-        a = self.audio_att(F.relu(self.audio_in(audio)))[:, :, None, :]
-        weights = torch.softmax(self.score(torch.tanh(v + a)).squeeze(-1), dim=-1)  # [B, T, S*S]
-        return (weights[..., None] * regions).sum(2)
-
-
-class MaskedBiLSTM(nn.Module):
-    """BiLSTM over the real seconds only (packed), so padded seconds never reach the real ones' states."""
-
-    def __init__(self, input_dim: int, hidden: int):
-        super().__init__()
-        self.lstm = nn.LSTM(input_dim, hidden, batch_first=True, bidirectional=True)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        lengths = _check_prefix_mask(mask)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return out
 
 
 class GlobalEventEmbedding(nn.Module):
@@ -101,7 +50,7 @@ class GlobalEventEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], valid bool [B, T] (at least one True per row) -> phi [B, D]."""
         b, t, d = x.shape
-        x = torch.where(valid[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        x = zero_padded(x, valid)
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=valid[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
@@ -123,8 +72,7 @@ def _dot(global_feature: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 def _per_video_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(1/N) sum_t over each video's real seconds, then the mean over videos."""
-    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return (values.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return masked_mean(values, mask).mean()
 
 
 @register(
@@ -170,11 +118,11 @@ class DAM(nn.Module):
         if task not in ("supervised", "cml"):
             raise ValueError(f"DAM supports the supervised and cml tasks, not {task!r}")
         self.task, self.lambda_category = task, lambda_category
-        self.attention = AudioGuidedAttention(visual_dim, audio_dim, att_hidden, att_dim)
+        self.attention = AudioGuidedVisualAttention(visual_dim, audio_dim, att_hidden, att_dim)
         if task == "supervised":
             dim = 2 * lstm_hidden
-            self.audio_local = MaskedBiLSTM(audio_dim, lstm_hidden)
-            self.visual_local = MaskedBiLSTM(visual_dim, lstm_hidden)
+            self.audio_local = MaskedLSTM(audio_dim, lstm_hidden)
+            self.visual_local = MaskedLSTM(visual_dim, lstm_hidden)
         else:
             dim = cml_dim
             self.audio_local = _embedding_mlp(audio_dim, cml_hidden, cml_dim)
@@ -191,8 +139,8 @@ class DAM(nn.Module):
     def forward(self, visual: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.task != "supervised":
             raise RuntimeError("this DAM was built for cml; call forward_cml")
-        f_a = self.audio_local(audio, mask)
-        f_v = self.visual_local(self.attention(visual, audio), mask)
+        f_a, _ = self.audio_local(audio, mask)
+        f_v, _ = self.visual_local(self.attention(visual, audio)[0], mask)
         # SEL: self-attention over all real seconds, background included (the event region is unknown at test time).
         phi_a, phi_v = self.audio_global(f_a, mask), self.visual_global(f_v, mask)
         logit_a, logit_v = _dot(phi_v, f_a), _dot(phi_a, f_v)  # Eq. 5, 6 before the sigmoid
@@ -227,19 +175,18 @@ class DAM(nn.Module):
         query = query_mask & mask
         if bool((query.sum(1) == 0).any()):
             raise ValueError("every video needs at least one query second")
-        zero = torch.zeros((), dtype=visual.dtype, device=visual.device)
         if direction == "a2v":
             # Query = audio: blank it outside the query so no later op can see it. The visual candidates' attention is
             # guided by the query's mean audio, the same vector for every second: a per-second a_t would hand over the
             # alignment (and audio outside the query).
-            audio = torch.where(query[..., None], audio, zero)
+            audio = zero_padded(audio, query)
             guide = masked_mean(audio, query)
             phi = self.audio_global(self.audio_local(audio), query)
             local = self.visual_local(self._guided_visual(visual, guide))
         elif direction == "v2a":
             # Query = visual: blanked outside the query. Its attention is guided by the mean candidate audio over all
             # real seconds (candidates are fully visible); again one vector for all seconds, so no alignment leaks in.
-            visual = torch.where(query[:, :, None, None, None], visual, zero)
+            visual = zero_padded(visual, query)
             guide = masked_mean(audio, mask)
             phi = self.visual_global(self.visual_local(self._guided_visual(visual, guide)), query)
             local = self.audio_local(audio)
@@ -249,7 +196,7 @@ class DAM(nn.Module):
         return {"match_logits": scores}
 
     def _guided_visual(self, visual: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        return self.attention(visual, guide[:, None, :].expand(-1, visual.shape[1], -1))
+        return self.attention(visual, guide[:, None, :].expand(-1, visual.shape[1], -1))[0]
 
     # ---- losses -----------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""Throughput of ``avepipe extract`` against the decode bound, measured in the same run.
+
+    python bench/extract_throughput.py --clips 16 --workers 16 [--device cuda] [--vgg19-weights random]
+
+1. Cuts N ten-second 720p clips from bbb.mp4 (``$AVEPIPE_TEST_MEDIA/bbb.mp4``) into --clip-dir (kept between runs).
+2. Decode bound: the same clips decoded by bare ffmpeg (all frames, scaled to 224x224, raw RGB to a pipe that is
+   drained and dropped), with the same number of parallel processes as extract's workers.
+3. ``avepipe extract`` on the same clips into a fresh cache (same workers), timed end to end and without start-up.
+Prints videos/s of both and their ratio. Speed does not depend on weight values, so ``--vgg19-weights random`` and
+``--vggish-weights random`` (the default here) are fine for timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avepipe.extract import ExtractConfig, run_extract  # noqa: E402
+from avepipe.media import ffmpeg_binary  # noqa: E402
+
+
+def cut_clips(source: Path, folder: Path, count: int, seconds: float) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for i in range(count):
+        clip = folder / f"bbb_{i:03d}.mp4"
+        if not clip.exists():
+            tmp = clip.with_suffix(".tmp.mp4")
+            subprocess.run([ffmpeg_binary(), "-y", "-loglevel", "error", "-ss", str(30 + 20 * i), "-i", str(source),
+                            "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", str(tmp)], check=True)
+            tmp.rename(clip)
+        clips.append(clip)
+    return clips
+
+
+def decode_bound(clips: list[Path], workers: int) -> float:
+    def decode(clip: Path) -> None:
+        proc = subprocess.Popen([ffmpeg_binary(), "-loglevel", "error", "-threads", "1", "-i", str(clip), "-an",
+                                 "-vf", "scale=224:224", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                                stdout=subprocess.PIPE)
+        while proc.stdout.read(1 << 20):
+            pass
+        proc.wait()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(decode, clips))
+    return len(clips) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=0)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--sampling", default="ave")
+    parser.add_argument("--vgg19-weights", default="random")
+    parser.add_argument("--vggish-weights", default="random")
+    parser.add_argument("--source", default=os.path.join(os.environ.get("AVEPIPE_TEST_MEDIA", "../shared/media"), "bbb.mp4"))
+    parser.add_argument("--clip-dir", default=".bench/clips")
+    args = parser.parse_args()
+
+    clips = cut_clips(Path(args.source), Path(args.clip_dir), args.clips, args.seconds)
+    bound = decode_bound(clips, args.workers)
+    config = ExtractConfig(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                           vgg19_weights=args.vgg19_weights, vggish_weights=args.vggish_weights,
+                           sampling=args.sampling, precision=args.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        report = run_extract(clips, Path(tmp) / "bench.h5", config)
+        wall = time.perf_counter() - start
+    assert len(report.done) == len(clips), report.failed
+    ours = len(clips) / wall
+    print(f"clips: {len(clips)} x {args.seconds:.0f} s 720p, workers: {args.workers}, device: {config.device}, "
+          f"sampling: {args.sampling}, precision: {args.precision}")
+    print(f"decode bound (ffmpeg decode + scale 224, {args.workers} processes): {bound:.2f} videos/s")
+    print(f"avepipe extract (model load included):                  {ours:.2f} videos/s")
+    print(f"ratio extract / decode bound: {ours / bound:.2f}")
+
+
+if __name__ == "__main__":
+    main()
