@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Audio-visual event localization: raw video -> features -> models -> per-second labels.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and merge feature caches.")
 app.add_typer(cache_app, name="cache")
+dataset_app = typer.Typer(no_args_is_help=True, help="The AVE dataset: label files and the released features.")
+app.add_typer(dataset_app, name="dataset")
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -115,6 +117,139 @@ def cache_merge(
     except CacheError as exc:
         fail_usage(str(exc))
     console.print(f"merged {len(inputs)} caches into {out}: {count} videos")
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the registered localization models with their tasks and parameter counts."""
+    from avepipe.models import build_model, get_spec, model_names, parameter_count
+
+    table = Table(title="models")
+    for column in ("name", "tasks", "parameters", "paper"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for name in model_names():
+        spec = get_spec(name)
+        count = parameter_count(build_model(name, spec.tasks[0]))
+        table.add_row(name, ", ".join(spec.tasks), f"{count:,}", spec.paper)
+    console.print(table)
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", help="Registered model name (see `avepipe models`)."),
+    task: str = typer.Option("supervised", "--task", help="supervised, weak or cml."),
+    direction: Optional[str] = typer.Option(None, help="cml only: a2v or v2a."),
+    features: Path = typer.Option(..., "--features", help="Feature cache (.h5)."),
+    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt."),
+    categories: Optional[Path] = typer.Option(None, help="categories.txt (default: beside the annotations)."),
+    splits: Optional[Path] = typer.Option(None, help="Folder with the split/order files (default: beside the annotations)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint.pt, last.pt, config.json, metrics.json."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML with [model] / [train] overrides."),
+    seed: int = typer.Option(0, help="Random seed (first seed with --seeds)."),
+    seeds: int = typer.Option(1, help="Train this many seeds and report mean ± std."),
+    epochs: Optional[int] = typer.Option(None, help="Override the number of epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Override the batch size."),
+    lr: Optional[float] = typer.Option(None, help="Override the learning rate."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from RUN/last.pt."),
+) -> None:
+    """Train a model; the checkpoint is chosen on val, test is evaluated once with it."""
+    from avepipe.render import TrainProgress, render_train_summary
+    from avepipe.train import DataPaths, TrainError, TrainOptions, train_seeds
+
+    options = TrainOptions(model=model, task=task, out_dir=str(out), direction=direction, seed=seed, device=device,
+                           config_file=str(config) if config else None, epochs=epochs, batch_size=batch_size, lr=lr,
+                           resume=resume)
+    paths = DataPaths(str(features), str(annotations), str(categories) if categories else None,
+                      str(splits) if splits else None)
+    if seeds < 1:
+        fail_usage("--seeds must be at least 1")
+    if resume and seeds > 1:
+        fail_usage("--resume works on one run at a time (use --seed N --out RUN/seed-N)")
+    try:
+        with TrainProgress(console) as progress:
+            if seeds == 1:
+                from avepipe.train import train as train_one
+
+                result = train_one(options, paths, progress.epoch)
+            else:
+                result = train_seeds(options, paths, seeds, progress.epoch, progress.seed)
+    except TrainError as exc:
+        fail_usage(str(exc))
+    render_train_summary(console, result, out)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint.pt written by `avepipe train`."),
+    features: Path = typer.Option(..., "--features", help="Feature cache (.h5)."),
+    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt."),
+    categories: Optional[Path] = typer.Option(None, help="categories.txt (default: beside the annotations)."),
+    splits: Optional[Path] = typer.Option(None, help="Folder with the split/order files (default: beside the annotations)."),
+    split: str = typer.Option("test", help="train, val or test."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+) -> None:
+    """Evaluate a checkpoint: segment accuracy (supervised, weak) or exact-match accuracy (cml)."""
+    import json
+
+    from avepipe.train import DataPaths, TrainError, evaluate as evaluate_checkpoint
+
+    if split not in ("train", "val", "test"):
+        fail_usage(f"--split {split}: choose train, val or test")
+    paths = DataPaths(str(features), str(annotations), str(categories) if categories else None,
+                      str(splits) if splits else None)
+    try:
+        result = evaluate_checkpoint(str(checkpoint), paths, split, device)
+    except TrainError as exc:
+        fail_usage(str(exc))
+    if result.get("warning"):
+        errors.print(f"[bold yellow]WARNING:[/] {result['warning']}", soft_wrap=True)
+    metric = result["metric"]
+    console.print(f"{result['model']} {result['task']}{' ' + result['direction'] if result['direction'] else ''} "
+                  f"{split}: {metric} = {result[metric]:.4f} over {result['rows']} rows")
+    if out:
+        out.write_text(json.dumps(result, indent=2))
+
+
+@dataset_app.command("labels")
+def dataset_labels(
+    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt."),
+    categories: Optional[Path] = typer.Option(None, help="categories.txt (default: beside the annotations)."),
+    out: Path = typer.Option(..., "--out", help="labels.h5 to write."),
+) -> None:
+    """Write labels [N,10,29], event [N,10] and video_label [N,29] in annotation row order (the released label files)."""
+    from avepipe.data import ave
+
+    try:
+        names = ave.read_categories(categories or annotations.parent / "categories.txt")
+        rows = ave.read_annotations(annotations, names)
+        ave.write_labels_h5(rows, names, out)
+    except (OSError, ValueError) as exc:
+        fail_usage(str(exc))
+    console.print(f"wrote {out}: {len(rows)} rows, {len(names)} categories + background")
+
+
+@dataset_app.command("import-ave")
+def dataset_import_ave(
+    audio: Path = typer.Option(..., "--audio", help="Released audio_feature.h5 (key avadataset, [N,10,128])."),
+    visual: Path = typer.Option(..., "--visual", help="Released visual_feature.h5 (key avadataset, [N,10,7,7,512])."),
+    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt (row order of the released files)."),
+    out: Path = typer.Option(..., "--out", help="Cache to write."),
+) -> None:
+    """Convert the officially released AVE feature files into the cache format."""
+    from avepipe.cache import CacheError
+    from avepipe.data.released import ImportError_, import_released
+
+    try:
+        stats = import_released(audio, visual, annotations, out)
+    except (OSError, ValueError, CacheError, ImportError_) as exc:
+        fail_usage(str(exc))
+    console.print(f"imported {stats['videos']} videos from {stats['rows']} rows into {out} "
+                  f"({stats['shared_rows']} rows share a video's features)")
+    if stats["shared_rows_differing"]:
+        errors.print(f"[yellow]note:[/] {stats['shared_rows_differing']} rows of a shared video carry different "
+                     "features in the released files; the first row's are kept")
 
 
 def main() -> None:

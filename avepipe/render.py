@@ -87,3 +87,46 @@ def render_cache(console: Console, reader, failed_only: bool = False) -> None:  
         console.print(table)
     elif failed_only:
         console.print("no failures recorded")
+
+
+class TrainProgress:
+    """One line per epoch: loss, val metric, best so far."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.description}"), console=console)
+        self.task = None
+
+    def __enter__(self) -> "TrainProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def seed(self, seed: int) -> None:
+        self.console.print(f"[bold]seed {seed}[/]")
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = None
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=record["epochs"], completed=record["epoch"] - 1)
+        metric = record["metric"]
+        text = (f"loss {record['loss']:.4f}  val {metric} {record['val_' + metric]:.4f}  best {record['best']:.4f}"
+                f"{'  *' if record['improved'] else ''}")
+        self.progress.update(self.task, advance=1, description=text)
+        self.progress.console.print(f"epoch {record['epoch']:4d}/{record['epochs']}  {text}  ({record['seconds']:.2f} s)")
+
+
+def render_train_summary(console: Console, result: dict[str, Any], out: Path) -> None:
+    metric = result["metric"]
+    if "seeds" in result:
+        val, test = result[f"val_{metric}"], result[f"test_{metric}"]
+        console.print(f"{len(result['seeds'])} seeds: val {metric} {val['mean']:.4f} ± {val['std']:.4f}, "
+                      f"test {metric} {test['mean']:.4f} ± {test['std']:.4f}  ({out}/summary.json)")
+    else:
+        console.print(f"best epoch {result['best_epoch']} (chosen on val): val {metric} {result['val_' + metric]:.4f}, "
+                      f"test {metric} {result['test_' + metric]:.4f}  ({out}/checkpoint.pt, {out}/metrics.json)")

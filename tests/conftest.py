@@ -43,3 +43,34 @@ def vgg19_weights(weights_dir: Path) -> Path:
     if not path.is_file():
         pytest.fail(f"missing real VGG-19 weights: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def vggish_file(tmp_path_factory) -> Path:
+    """VGGish weights in the real torchvggish format, made here (the real file cannot be had on these machines)."""
+    import torch
+
+    from avepipe.backbones.vggish import make_vggish_state_dict
+
+    path = tmp_path_factory.mktemp("weights") / "my-vggish.pth"
+    torch.save(make_vggish_state_dict(seed=1), path)
+    return path
+
+
+@pytest.fixture()
+def weights_args(vgg19_weights, vggish_file) -> list[str]:
+    return ["--vgg19-weights", str(vgg19_weights), "--vggish-weights", str(vggish_file), "--device", "cpu"]
+
+
+REAL_CACHE_VIDEOS = ("sample_1s.mp4", "fire2.mp4", "chaplin.mp4", "big_buck_bunny_432_433.webm", "bbb_5s_6ch.mp4")
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory, media_dir, vgg19_weights, vggish_file):
+    """Features of five short real videos (1, 2, 9, 1 and 5 s), extracted once per test session through the CLI."""
+    from tests.helpers import run_cli
+
+    cache = tmp_path_factory.mktemp("real") / "real.h5"
+    result = run_cli("extract", *[media_dir / name for name in REAL_CACHE_VIDEOS], "--cache", cache, "--workers", "2",
+                     "--vgg19-weights", vgg19_weights, "--vggish-weights", vggish_file, "--device", "cpu")
+    return cache, result

@@ -18,24 +18,7 @@ from avepipe import media
 from avepipe.backbones.vgg19 import load_vgg19
 from avepipe.backbones.vggish import load_vggish, make_vggish_state_dict, waveform_to_examples
 from avepipe.cache import FeatureCache
-from tests.clips import make_clip
-
-
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "avepipe", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
-
-
-@pytest.fixture(scope="session")
-def vggish_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "my-vggish.pth"
-    torch.save(make_vggish_state_dict(seed=1), path)
-    return path
-
-
-@pytest.fixture()
-def weights_args(vgg19_weights, vggish_file) -> list[str]:
-    return ["--vgg19-weights", str(vgg19_weights), "--vggish-weights", str(vggish_file), "--device", "cpu"]
+from tests.helpers import make_clip, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +30,9 @@ def small_clips(tmp_path_factory) -> Path:
     return folder
 
 
-def test_real_media_features_equal_direct_computation(tmp_path, media_dir, weights_args, vgg19_weights, vggish_file):
-    names = {"sample_1s": 1, "fire2": 2, "chaplin": 9}
-    cache = tmp_path / "f.h5"
-    result = run_cli("extract", *[media_dir / f"{n}.mp4" for n in names], "--cache", cache, "--workers", "2",
-                     *weights_args)
+def test_real_media_features_equal_direct_computation(real_cache, media_dir, vgg19_weights, vggish_file):
+    cache, result = real_cache
+    names = {"sample_1s": 1, "fire2": 2, "chaplin": 9, "big_buck_bunny_432_433": 1, "bbb_5s_6ch": 5}
     assert result.returncode == 0, result.stderr
     assert "WARNING" in result.stderr and "NOT the published" in result.stderr  # unofficial VGGish weights
     reader = FeatureCache(cache)

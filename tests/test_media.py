@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from avepipe import media
-from tests.clips import make_clip
+from tests.helpers import make_clip
 
 # (file, whole seconds T) for every shipped video: the length classes the tool must handle.
 REAL_MEDIA = [

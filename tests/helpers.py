@@ -28,3 +28,12 @@ def make_clip(path: Path, seconds: float = 1.0, *, size: str = "320x240", fps: i
     args += ["-t", str(seconds), str(path)]
     subprocess.run(args, check=True)
     return path
+
+
+def run_cli(*args, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m avepipe ARGS`` the way a user would; wide terminal so rich does not wrap messages."""
+    import os
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "avepipe", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})

@@ -1,0 +1,61 @@
+"""Features of annotated rows, loaded once from a cache into memory (the whole AVE set is ~2 GB in float16).
+
+Rows share a video's features (4,143 AVE rows over 4,097 videos): features are stored once per video and rows index
+them. Every sequence is ``seconds`` long (10 for AVE): shorter videos are padded and masked, longer ones are cut.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from avepipe.cache import FeatureCache
+
+
+class MissingFeaturesError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class FeatureTable:
+    video_ids: list[str]
+    visual: torch.Tensor  # [V, S, 7, 7, Dv], float16 by default (halves memory; models compute in float32)
+    audio: torch.Tensor  # [V, S, Da] float32
+    mask: torch.Tensor  # [V, S] bool, True on real seconds
+    spec: dict | None
+
+    def index(self, video_ids: Sequence[str]) -> torch.Tensor:
+        position = {vid: i for i, vid in enumerate(self.video_ids)}
+        return torch.tensor([position[v] for v in video_ids], dtype=torch.long)
+
+    def to(self, device: torch.device | str) -> "FeatureTable":
+        return FeatureTable(self.video_ids, self.visual.to(device), self.audio.to(device), self.mask.to(device), self.spec)
+
+
+def load_feature_table(cache_path: str | os.PathLike, video_ids: Sequence[str], seconds: int = 10,
+                       visual_dtype: torch.dtype = torch.float16) -> FeatureTable:
+    """Features of ``video_ids`` (deduplicated, order kept) from one cache. Missing ids raise with a short list."""
+    cache = FeatureCache(cache_path, "r")
+    unique = list(dict.fromkeys(video_ids))
+    available = set(cache.ids())
+    missing = [v for v in unique if v not in available]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MissingFeaturesError(f"{cache_path}: no features for {len(missing)} of {len(unique)} videos ({shown})")
+    first = cache.get(unique[0]) if unique else None
+    spatial = first.visual.shape[1:] if first is not None else (7, 7, 512)
+    audio_dim = first.audio.shape[-1] if first is not None else 128
+    visual = torch.zeros((len(unique), seconds, *spatial), dtype=visual_dtype)
+    audio = torch.zeros((len(unique), seconds, audio_dim), dtype=torch.float32)
+    mask = torch.zeros((len(unique), seconds), dtype=torch.bool)
+    for i, entry in enumerate(cache.entries(unique)):
+        t = min(seconds, entry.visual.shape[0], entry.audio.shape[0])
+        visual[i, :t] = torch.from_numpy(np.ascontiguousarray(entry.visual[:t])).to(visual_dtype)
+        audio[i, :t] = torch.from_numpy(np.ascontiguousarray(entry.audio[:t]))
+        mask[i, :t] = True
+    return FeatureTable(unique, visual, audio, mask, cache.spec)

@@ -1,0 +1,83 @@
+"""Per-row targets of the three tasks and on-device batching.
+
+* ``supervised`` (SEL): a label per second (28 categories + background 28).
+* ``weak``: the same evaluation, but training sees only the video-level label (the category of the row).
+* ``cml`` (cross-modality localization): the query is the event span of one modality; the target is the same span in
+  the other modality (AVE events are synchronised). Rows with an empty event have no query and are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from avepipe.data.ave import BACKGROUND, Annotation, class_index
+from avepipe.data.features import FeatureTable
+
+
+@dataclass
+class RowSet:
+    """The rows of one split, ready to batch on one device."""
+
+    rows: np.ndarray  # annotation row indices
+    video: torch.Tensor  # [N] index into the feature table
+    labels: torch.Tensor  # [N, S] long
+    event: torch.Tensor  # [N, S] float
+    video_label: torch.Tensor  # [N] long
+    mask: torch.Tensor  # [N, S] bool (real seconds)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device: torch.device | str) -> "RowSet":
+        return RowSet(self.rows, self.video.to(device), self.labels.to(device), self.event.to(device),
+                      self.video_label.to(device), self.mask.to(device))
+
+
+def build_rows(annotations: Sequence[Annotation], rows: Sequence[int], categories: Sequence[str], table: FeatureTable,
+               task: str) -> RowSet:
+    seconds = table.mask.shape[1]
+    rows = np.asarray(rows, dtype=np.int64)
+    if task == "cml":
+        rows = np.array([r for r in rows if annotations[r].end > annotations[r].start], dtype=np.int64)
+    chosen = [annotations[r] for r in rows]
+    video = table.index([a.video_id for a in chosen])
+    labels = torch.full((len(rows), seconds), BACKGROUND, dtype=torch.long)
+    event = torch.zeros((len(rows), seconds))
+    video_label = torch.empty(len(rows), dtype=torch.long)
+    for i, a in enumerate(chosen):
+        c = class_index(a, categories)
+        labels[i, a.start : a.end] = c
+        event[i, a.start : a.end] = 1.0
+        video_label[i] = c
+    mask = table.mask[video]
+    return RowSet(rows, video, labels, event, video_label, mask)
+
+
+def batch(table: FeatureTable, rowset: RowSet, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch gathered on the table's device: features in float32 plus every target the losses use."""
+    video = rowset.video[index]
+    event = rowset.event[index]
+    mask = rowset.mask[index]
+    return {
+        "visual": table.visual[video].float(),
+        "audio": table.audio[video],
+        "mask": mask,
+        "labels": rowset.labels[index],
+        "event": event,
+        "video_label": rowset.video_label[index],
+        "query_mask": event.bool() & mask,
+        "target_mask": event.bool() & mask,
+    }
+
+
+def batches(table: FeatureTable, rowset: RowSet, batch_size: int, *, shuffle: bool,
+            generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    n = len(rowset)
+    device = rowset.video.device
+    order = torch.randperm(n, generator=generator).to(device) if shuffle else torch.arange(n, device=device)
+    for start in range(0, n, batch_size):
+        yield batch(table, rowset, order[start : start + batch_size])

@@ -1,0 +1,179 @@
+"""AVSDN (Lin et al. ICASSP19): registry entry, shapes, masks, seq2seq conditioning, gradient flow, synthetic learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avepipe.data.synthetic import make_synthetic_ave
+from avepipe.models.avsdn import AVSDN
+from avepipe.models.registry import build_model, get_spec, parameter_count
+
+SMALL = {"visual_dim": 64, "audio_dim": 32, "hidden": 64, "att_hidden": 64}
+VARIANTS = [("supervised", "mean"), ("supervised", "attention"), ("weak", "mean"), ("weak", "attention")]
+
+
+def _small_data(n_videos: int, seed: int = 0, **kw) -> dict[str, torch.Tensor]:
+    return make_synthetic_ave(n_videos, visual_dim=64, audio_dim=32, seed=seed, **kw)
+
+
+def _forward(model, batch):
+    return model(batch["visual"], batch["audio"], batch["mask"])
+
+
+def _segment_accuracy(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
+    return (pred == labels)[mask].float().mean().item()
+
+
+def _train(model, data, *, task: str, epochs: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n = data["labels"].shape[0]
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(n).split(batch_size):
+            batch = {k: v[idx] for k, v in data.items()}
+            loss = model.loss(_forward(model, batch), batch, task)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+# ---- registry and shapes ----------------------------------------------------------------------------------------------
+
+
+def test_registered_with_defaults():
+    spec = get_spec("avsdn")
+    assert spec.cls is AVSDN and spec.tasks == ("supervised", "weak")
+    model_cfg, train_cfg = spec.default_config["model"], spec.default_config["train"]
+    assert (model_cfg["visual_dim"], model_cfg["audio_dim"], model_cfg["hidden"]) == (512, 128, 128)
+    assert (model_cfg["visual_pool"], model_cfg["mil_pooling"]) == ("mean", "mean")  # pooled CNN features; Eq. 3
+    assert (train_cfg["optimizer"], train_cfg["lr"], train_cfg["batch_size"]) == ("adam", 1e-3, 64)
+    with pytest.raises(ValueError):
+        build_model("avsdn", "cml")
+    with pytest.raises(ValueError):
+        build_model("avsdn", "supervised", {"visual_pool": "max"})
+
+
+@pytest.mark.parametrize("seconds", [10, 3])
+@pytest.mark.parametrize("task,visual_pool", VARIANTS)
+def test_shapes_real_dims(seconds, task, visual_pool):
+    torch.manual_seed(0)
+    model = build_model("avsdn", task, {"visual_pool": visual_pool}).eval()
+    data = make_synthetic_ave(2, seconds=seconds)
+    with torch.no_grad():
+        out = _forward(model, data)
+    assert out["segment_logits"].shape == (2, seconds, 29)
+    assert ("attention" in out) == (visual_pool == "attention")
+    assert ("video_logits" in out) == (task == "weak")
+    if task == "weak":
+        assert out["video_logits"].shape == (2, 29)
+        # Eq. 3: the video prediction is the average of the per-second predictions.
+        torch.testing.assert_close(out["video_logits"], out["segment_logits"].mean(1))
+    pred = model.predict(out, task)
+    assert pred.shape == (2, seconds) and pred.dtype == torch.long
+    assert torch.equal(pred, out["segment_logits"].argmax(-1))
+
+
+def test_decoder_is_conditioned_on_the_whole_video():
+    # The decoder runs forward in time, so the first second can only depend on the last one through the encoders'
+    # fused final states (the seq2seq initial state).
+    torch.manual_seed(0)
+    model = build_model("avsdn", "supervised", SMALL).eval()
+    data = _small_data(2)
+    audio = data["audio"].clone()
+    audio[:, -1] += 3 * torch.randn_like(audio[:, -1])
+    with torch.no_grad():
+        ref = _forward(model, data)["segment_logits"]
+        out = model(data["visual"], audio, data["mask"])["segment_logits"]
+    assert not torch.allclose(out[:, 0], ref[:, 0])
+
+
+# ---- masks ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task,visual_pool", VARIANTS)
+def test_padding_does_not_change_real_seconds(task, visual_pool):
+    torch.manual_seed(0)
+    model = build_model("avsdn", task, {**SMALL, "visual_pool": visual_pool}).eval()
+    data = _small_data(3, max_event=5, seed=1)
+    mask = data["mask"].clone()
+    mask[0, 6:] = False
+    mask[2, 3:] = False
+    batch = {**data, "mask": mask}
+    out = _forward(model, batch)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["visual"][~mask] = 100 * torch.randn_like(changed["visual"][~mask])
+    changed["audio"][~mask] = float("nan")
+    changed["labels"][~mask] = 3
+    out2 = _forward(model, changed)
+    torch.testing.assert_close(out2["segment_logits"][mask], out["segment_logits"][mask])
+    torch.testing.assert_close(model.loss(out2, changed, task), model.loss(out, batch, task))
+    if task == "weak":
+        torch.testing.assert_close(out2["video_logits"], out["video_logits"])
+    # ... and identical to running the real seconds on their own (the encoders' global state is taken at the last
+    # real second, not at the padded end).
+    alone = model(data["visual"][2:, :3], data["audio"][2:, :3], data["mask"][2:, :3])
+    torch.testing.assert_close(alone["segment_logits"][0], out["segment_logits"][2, :3])
+
+
+def test_rejects_non_prefix_mask():
+    model = build_model("avsdn", "supervised", SMALL)
+    data = _small_data(1)
+    mask = data["mask"].clone()
+    mask[0, 4] = False
+    with pytest.raises(ValueError):
+        model(data["visual"], data["audio"], mask)
+
+
+# ---- gradient flow ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task,visual_pool", VARIANTS)
+def test_gradient_reaches_every_parameter(task, visual_pool):
+    torch.manual_seed(0)
+    model = build_model("avsdn", task, {**SMALL, "visual_pool": visual_pool})
+    data = _small_data(8, seed=2, background_videos=0.25)
+    data["mask"][1, 7:] = False
+    loss = model.loss(_forward(model, data), data, task)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+# ---- learning ---------------------------------------------------------------------------------------------------------
+# Same synthetic task and budget as tests/models/test_avel.py (events >= 2 s as in AVE; small widths).
+
+
+def test_learns_synthetic_supervised():
+    data = _small_data(1800, seed=10, min_event=2)
+    train, test = ({k: v[s] for k, v in data.items()} for s in (slice(0, 1500), slice(1500, None)))
+    torch.manual_seed(0)
+    model = build_model("avsdn", "supervised", SMALL)
+    _train(model, train, task="supervised", epochs=10)
+    with torch.no_grad():
+        pred = model.predict(_forward(model, test), "supervised")
+    accuracy = _segment_accuracy(pred, test["labels"], test["mask"])
+    assert accuracy >= 0.95, accuracy
+
+
+def test_learns_synthetic_weak_from_video_labels_only():
+    data = _small_data(1800, seed=11, min_event=2, background_videos=0.3)
+    train, test = ({k: v[s] for k, v in data.items()} for s in (slice(0, 1500), slice(1500, None)))
+    train["labels"] = torch.full_like(train["labels"], -100)  # the weak loss must not need per-second labels
+    train["event"] = torch.full_like(train["event"], float("nan"))
+    torch.manual_seed(0)
+    model = build_model("avsdn", "weak", SMALL)
+    _train(model, train, task="weak", epochs=10)
+    with torch.no_grad():
+        pred = model.predict(_forward(model, test), "weak")
+    accuracy = _segment_accuracy(pred, test["labels"], test["mask"])
+    assert accuracy >= 0.80, accuracy
+
+
+def test_parameter_count_real_dims():
+    # Pinned so a change of architecture is a conscious one (docs/models.md quotes these numbers).
+    assert parameter_count(build_model("avsdn", "supervised")) == 924_829
+    assert parameter_count(build_model("avsdn", "weak")) == 924_829
+    assert parameter_count(build_model("avsdn", "supervised", {"visual_pool": "attention"})) == 1_303_758
