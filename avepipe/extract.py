@@ -12,6 +12,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -145,17 +146,23 @@ def decode_messages(vid: str, path: str, sampling: str, chunk_seconds: int) -> I
         yield ("error", vid, f"{path}: unexpected error: {type(exc).__name__}: {exc} ({last})")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Watchdog thread: end this worker at once when the main process is gone (kill -9 runs no cleanup, and a worker
+    waiting to flush its queue into a pipe nobody reads would otherwise live forever)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
 def _worker(tasks: "mp.Queue", results: "mp.Queue", sampling: str, chunk_seconds: int) -> None:
     torch.set_num_threads(1)
-    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     while True:
         task = tasks.get()
         if task is None:
             return
         vid, path = task
         for message in decode_messages(vid, path, sampling, chunk_seconds):
-            if os.getppid() != parent:  # the main process was killed (kill -9 skips cleanup): do not linger
-                return
             results.put(message)
 
 

@@ -105,8 +105,15 @@ def test_killed_run_resumes_to_the_same_cache(tmp_path, small_clips, weights_arg
     deadline = time.time() + 300
     while time.time() < deadline and not any(p.suffix == ".h5" for p in staging.glob("*.h5")):
         time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     proc.send_signal(signal.SIGKILL)  # mid-run: at least one video staged, the others not
     proc.wait()
+    # Decoder processes notice their parent is gone and exit instead of lingering.
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{c}/cmdline").exists() and b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+                   for c in children)
     partial = FeatureCache(killed)  # the store opens after kill -9
     assert 1 <= len(partial.ids()) < 4
     resumed = run_cli("extract", small_clips, "--cache", killed, "--workers", "2", *weights_args)

@@ -139,6 +139,7 @@ class DAM(nn.Module):
     def forward(self, visual: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.task != "supervised":
             raise RuntimeError("this DAM was built for cml; call forward_cml")
+        visual, audio = zero_padded(visual, mask), zero_padded(audio, mask)
         f_a, _ = self.audio_local(audio, mask)
         f_v, _ = self.visual_local(self.attention(visual, audio)[0], mask)
         # SEL: self-attention over all real seconds, background included (the event region is unknown at test time).
@@ -175,6 +176,7 @@ class DAM(nn.Module):
         query = query_mask & mask
         if bool((query.sum(1) == 0).any()):
             raise ValueError("every video needs at least one query second")
+        visual, audio = zero_padded(visual, mask), zero_padded(audio, mask)
         if direction == "a2v":
             # Query = audio: blank it outside the query so no later op can see it. The visual candidates' attention is
             # guided by the query's mean audio, the same vector for every second: a per-second a_t would hand over the

@@ -6,15 +6,12 @@ import pytest
 import torch
 
 from avepipe.data.synthetic import make_synthetic_ave
+from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
 from avepipe.models.dam import BACKGROUND, DAM
 from avepipe.models.registry import build_model, get_spec, parameter_count
 
-try:
-    from avepipe.metrics import cml_predict
-except ImportError:
-    cml_predict = None
-
-SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 64, "lstm_hidden": 32, "cml_hidden": 64, "cml_dim": 32}
+# Small widths keep the learning tests within ~30 s on 2 CPU cores.
+SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 128, "lstm_hidden": 64, "cml_hidden": 64, "cml_dim": 32}
 
 
 def _synthetic(n_videos, *, visual_dim=512, audio_dim=128, **kwargs):
@@ -22,26 +19,15 @@ def _synthetic(n_videos, *, visual_dim=512, audio_dim=128, **kwargs):
     return make_synthetic_ave(n_videos, visual_dim=visual_dim, audio_dim=audio_dim, **kwargs)
 
 
-def _decode(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Start of the length-L window with the largest summed score (brute force unless avepipe.metrics has it)."""
-    if cml_predict is not None:
-        return cml_predict(scores, lengths)
-    starts = []
-    for row, length in zip(scores, lengths.tolist()):
-        sums = row.unfold(0, length, 1).sum(-1)
-        starts.append(int(sums.argmax()))
-    return torch.tensor(starts)
-
-
-def _exact_match(model: DAM, data: dict, direction: str) -> float:
+def _exact_match(model: DAM, data: dict, direction: str, squash: bool = False) -> float:
+    """CML exact match, decoded as the pipeline does (max contiguous sum of match_logits over the query length);
+    ``squash`` sums sigmoid(match_logits) instead, the paper's per-second prediction scores."""
     query = data["event"].bool()
     with torch.no_grad():
         scores = model.forward_cml(data["visual"], data["audio"], data["mask"], query, direction)["match_logits"]
-    # The paper sums the per-second prediction scores sigma(phi . f_t).
-    pred = _decode(torch.sigmoid(scores), query.sum(1))
-    if pred.dim() == 2:  # a decoder returning the predicted span as a mask
-        return (pred.bool() == query).all(1).float().mean().item()
-    return (pred == query.float().argmax(1)).float().mean().item()
+    if squash:
+        scores = torch.sigmoid(scores)
+    return cml_exact_match(cml_predict(scores, query.sum(1)), query.float().argmax(1))
 
 
 def _batch(data: dict, idx: torch.Tensor) -> dict:
@@ -129,8 +115,8 @@ def test_supervised_padding_does_not_change_real_seconds():
     mask[2, 3:] = False
     out1 = model(data["visual"], data["audio"], mask)
     visual, audio = data["visual"].clone(), data["audio"].clone()
-    visual[~mask] = 100 * torch.randn_like(visual[~mask])
-    audio[~mask] = -50.0
+    visual[~mask] = float("nan")
+    audio[~mask] = float("inf")
     out2 = model(visual, audio, mask)
     for key in ("segment_logits", "category_logits"):
         a, b = out1[key], out2[key]
@@ -184,8 +170,8 @@ def test_cml_padding_does_not_change_real_seconds():
     for direction in ("a2v", "v2a"):
         ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
         visual, audio = data["visual"].clone(), data["audio"].clone()
-        visual[:, 8:] = 7.0
-        audio[:, 8:] = -7.0
+        visual[:, 8:] = float("nan")
+        audio[:, 8:] = 7.0
         out = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
         torch.testing.assert_close(out[mask], ref[mask])
         assert (out[~mask] < -1e3).all()  # padded seconds can never win a decoding window
@@ -215,29 +201,33 @@ def test_gradient_reaches_every_parameter(task):
 # ---- learning ---------------------------------------------------------------------------------------------------------
 
 
+# Synthetic AVE-like task (avepipe.data.synthetic): an event second is one where audio and visual show the video's class;
+# background seconds show other (mismatched) classes. Held-out data is the tail of the same call (same prototypes).
+
+
 def test_learns_synthetic_supervised():
-    torch.manual_seed(0)
-    data = _synthetic(500, visual_dim=64, audio_dim=32, seed=10)
-    train = {k: v[:400] for k, v in data.items()}
-    test = {k: v[400:] for k, v in data.items()}
+    # Events >= 2 s as in AVE. DAM decides relevance through one modality's global feature, which must single out the
+    # video's class among the background classes; that needs more videos than per-second fusion models (~93% at 400).
+    data = _synthetic(1800, visual_dim=64, audio_dim=32, seed=10, min_event=2)
+    train, test = ({k: v[s] for k, v in data.items()} for s in (slice(0, 1500), slice(1500, None)))
     model = build_model("dam", "supervised", SMALL)
-    _train(model, train, epochs=25, lr=1e-3, batch_size=32, task="supervised")
+    _train(model, train, epochs=8, lr=2e-3, batch_size=32, task="supervised")
     with torch.no_grad():
         pred = model.predict(model(test["visual"], test["audio"], test["mask"]), "supervised")
-    accuracy = (pred == test["labels"]).float().mean().item()
+    accuracy = segment_accuracy(pred, test["labels"], test["mask"])
     assert accuracy >= 0.95, accuracy
 
 
 def test_learns_synthetic_cml():
-    torch.manual_seed(0)
-    data = _synthetic(600, visual_dim=64, audio_dim=32, min_event=2, max_event=9, seed=20)
-    train = {k: v[:480] for k, v in data.items()}
-    test = {k: v[480:] for k, v in data.items()}
+    data = _synthetic(1100, visual_dim=64, audio_dim=32, seed=20, min_event=2, max_event=9)
+    train, test = ({k: v[s] for k, v in data.items()} for s in (slice(0, 800), slice(800, None)))
     model = build_model("dam", "cml", SMALL)
-    _train(model, train, epochs=25, lr=1e-3, batch_size=32, task="cml")
+    _train(model, train, epochs=10, lr=1e-3, batch_size=32, task="cml")
     for direction in ("a2v", "v2a"):
         accuracy = _exact_match(model, test, direction)
         assert accuracy >= 0.90, (direction, accuracy)
+        # The pipeline sums match_logits; the paper sums sigmoid scores. Both decodings must find the span.
+        assert _exact_match(model, test, direction, squash=True) >= 0.90
 
 
 def test_parameter_count_real_dims():
