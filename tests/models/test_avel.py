@@ -190,13 +190,14 @@ def test_learns_synthetic_weak_from_video_labels_only():
     data = _small_data(1800, seed=11, min_event=2, background_videos=0.3)
     train, test = ({k: v[s] for k, v in data.items()} for s in (slice(0, 1500), slice(1500, None)))
     train["labels"] = torch.full_like(train["labels"], -100)  # the weak loss must not need per-second labels
+    train["event"] = torch.full_like(train["event"], float("nan"))
     torch.manual_seed(0)
     model = build_model("avel", "weak", SMALL)
     _train(model, train, task="weak", epochs=10)
     with torch.no_grad():
         pred = model.predict(_forward(model, test), "weak")
     accuracy = _segment_accuracy(pred, test["labels"], test["mask"])
-    # Trivial baselines on this data: all-background ~0.61, the video's category on every second ~0.72.
+    # Trivial baselines on this test set: all-background 0.60; the true video category on every second 0.71.
     assert accuracy >= 0.85, accuracy
 
 
