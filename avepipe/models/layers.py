@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-# ---- masks and pooling ------------------------------------------------------------------------------------------------
+# ---- masks and pooling -----------------------------------------------------------------------------------------------
 
 
 def lengths_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     return F.cross_entropy(logits[mask], labels[mask])
 
 
-# ---- attention --------------------------------------------------------------------------------------------------------
+# ---- attention -------------------------------------------------------------------------------------------------------
 
 
 class AudioGuidedVisualAttention(nn.Module):
@@ -95,7 +95,7 @@ class AudioGuidedVisualAttention(nn.Module):
         return attended, weights
 
 
-# ---- recurrence -------------------------------------------------------------------------------------------------------
+# ---- recurrence ------------------------------------------------------------------------------------------------------
 
 
 class MaskedLSTM(nn.Module):
@@ -122,7 +122,7 @@ class MaskedLSTM(nn.Module):
         return out, (h_n, c_n)
 
 
-# ---- fusion -----------------------------------------------------------------------------------------------------------
+# ---- fusion ----------------------------------------------------------------------------------------------------------
 
 
 def _update_mlp(dim: int) -> nn.Sequential:

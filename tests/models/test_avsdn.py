@@ -1,4 +1,4 @@
-"""AVSDN (Lin et al. ICASSP19): registry entry, shapes, masks, seq2seq conditioning, gradient flow, synthetic learning."""
+"""AVSDN (Lin et al. ICASSP19): registry entry, shapes, masks, seq2seq conditioning, gradients, learning."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _train(model, data, *, task: str, epochs: int, batch_size: int = 32, lr: flo
     model.eval()
 
 
-# ---- registry and shapes ----------------------------------------------------------------------------------------------
+# ---- registry and shapes ---------------------------------------------------------------------------------------------
 
 
 def test_registered_with_defaults():
@@ -90,7 +90,7 @@ def test_decoder_is_conditioned_on_the_whole_video():
     assert not torch.allclose(out[:, 0], ref[:, 0])
 
 
-# ---- masks ------------------------------------------------------------------------------------------------------------
+# ---- masks -----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("task,visual_pool", VARIANTS)
@@ -127,7 +127,7 @@ def test_rejects_non_prefix_mask():
         model(data["visual"], data["audio"], mask)
 
 
-# ---- gradient flow ----------------------------------------------------------------------------------------------------
+# ---- gradient flow ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("task,visual_pool", VARIANTS)
@@ -142,7 +142,7 @@ def test_gradient_reaches_every_parameter(task, visual_pool):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-# ---- learning ---------------------------------------------------------------------------------------------------------
+# ---- learning --------------------------------------------------------------------------------------------------------
 # Same synthetic task, split and budget as tests/models/test_avel.py, but on an easier map: AVSDN averages the map
 # (the paper feeds global-pooled CNN vectors), which dilutes the 2-4 cells that carry the visual class. With the default
 # 7x7 map and noise 1.0 it plateaus near 0.92 (0.96 with visual_pool="attention"); docs/models.md has the numbers.
