@@ -152,6 +152,9 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Override the learning rate."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from RUN/last.pt."),
+    noisy_audio: Optional[Path] = typer.Option(None, help="weak only: audio_feature_noisy.h5 (extra background videos)."),
+    noisy_visual: Optional[Path] = typer.Option(None, help="weak only: visual_feature_noisy.h5."),
+    noisy_labels: Optional[Path] = typer.Option(None, help="weak only: labels_noisy.h5."),
 ) -> None:
     """Train a model; the checkpoint is chosen on val, test is evaluated once with it."""
     from avepipe.render import TrainProgress, render_train_summary
@@ -160,8 +163,11 @@ def train(
     options = TrainOptions(model=model, task=task, out_dir=str(out), direction=direction, seed=seed, device=device,
                            config_file=str(config) if config else None, epochs=epochs, batch_size=batch_size, lr=lr,
                            resume=resume)
+    noisy = [noisy_audio, noisy_visual, noisy_labels]
+    if any(noisy) and not all(noisy):
+        fail_usage("--noisy-audio, --noisy-visual and --noisy-labels go together")
     paths = DataPaths(str(features), str(annotations), str(categories) if categories else None,
-                      str(splits) if splits else None)
+                      str(splits) if splits else None, tuple(str(p) for p in noisy) if all(noisy) else None)
     if seeds < 1:
         fail_usage("--seeds must be at least 1")
     if resume and seeds > 1:

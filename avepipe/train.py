@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import h5py
 import numpy as np
 import torch
 
 from avepipe import __version__
 from avepipe.data import ave
 from avepipe.data.features import FeatureTable, load_feature_table
-from avepipe.data.tasks import RowSet, batches, build_rows
+from avepipe.data.tasks import RowSet, batches, build_rows, with_noisy_videos
 from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
 from avepipe.models.registry import build_model, get_spec
 
@@ -72,6 +73,9 @@ class DataPaths:
     annotations: str
     categories: str | None = None  # default: categories.txt beside the annotations
     splits: str | None = None  # folder with {split}_order[_match].h5 or {split}Set.txt; default: the annotations' folder
+    # weak task only: the released extra background videos (audio_feature_noisy.h5, visual_feature_noisy.h5,
+    # labels_noisy.h5; key avadataset) added to the training split
+    noisy: tuple[str, str, str] | None = None
 
     def categories_path(self) -> Path:
         return Path(self.categories) if self.categories else Path(self.annotations).parent / "categories.txt"
@@ -104,7 +108,28 @@ def load_task_data(paths: DataPaths, task: str, splits: tuple[str, ...], device:
         raise TrainError(str(exc)) from None
     table = table.to(device)
     rowsets = {s: build_rows(annotations, rows, categories, table, task).to(device) for s, rows in split_rows.items()}
+    if paths.noisy and "train" in rowsets:
+        if task != "weak":
+            raise TrainError("the noisy background videos are extra data for --task weak only")
+        visual, audio, video_label = read_noisy(*paths.noisy)
+        table, rowsets["train"] = with_noisy_videos(table, rowsets["train"], visual, audio, video_label)
     return TaskData(table, rowsets, categories)
+
+
+def read_noisy(audio_path: str, visual_path: str, labels_path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released noisy set: audio [M,10,128], visual [M,10,7,7,512], one-hot video labels [M,29] (key avadataset)."""
+    arrays = []
+    for path in (audio_path, visual_path, labels_path):
+        try:
+            with h5py.File(path, "r") as f:
+                arrays.append(torch.from_numpy(np.asarray(f["avadataset"][()], dtype=np.float32)))
+        except (OSError, KeyError) as exc:
+            raise TrainError(f"{path}: cannot read dataset 'avadataset' ({exc})") from None
+    audio, visual, labels = arrays
+    if not (audio.shape[0] == visual.shape[0] == labels.shape[0]) or labels.shape[1:] != (ave.NUM_CLASSES,):
+        raise TrainError(f"noisy set shapes do not fit: audio {tuple(audio.shape)}, visual {tuple(visual.shape)}, "
+                         f"labels {tuple(labels.shape)}")
+    return visual, audio, labels.argmax(1)
 
 
 # -- forward / metrics ------------------------------------------------------------------------------------------------
@@ -314,7 +339,7 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     best_model, best = load_checkpoint(best_path, device)
     test = evaluate_split(best_model, data, "test", options.task, options.direction)
     metrics = {"model": options.model, "task": options.task, "direction": options.direction, "seed": options.seed,
-               "metric": metric, "best_epoch": state["best_epoch"], f"val_{metric}": state["best"],
+               "metric": metric, "train_rows": len(data.splits["train"]), "best_epoch": state["best_epoch"], f"val_{metric}": state["best"],
                f"test_{metric}": test, "epochs": epochs, "history": state["history"]}
     best["metrics"] = {k: v for k, v in metrics.items() if k != "history"}
     _atomic_save(best, best_path)

@@ -177,3 +177,25 @@ def test_import_released_features(tmp_path, ave_dir):
     bad = run_cli("dataset", "import-ave", "--audio", tmp_path / "audio_feature.h5", "--visual",
                   tmp_path / "visual_feature.h5", "--annotations", ave_dir / "Annotations.txt", "--out", tmp_path / "b.h5")
     assert bad.returncode == 2 and "must match" in bad.stderr
+
+
+def test_weak_training_takes_the_noisy_background_videos(tmp_path, synthetic_run):
+    """Extra background-only videos in the released layout join the weak training split (video labels only)."""
+    features, annotations = synthetic_run
+    rng = np.random.default_rng(1)
+    files = {"audio": rng.random((5, 10, 128), dtype=np.float32),
+             "visual": rng.random((5, 10, 7, 7, 512), dtype=np.float32),
+             "labels": np.tile(np.eye(29, dtype=np.float32)[28], (5, 1))}
+    for name, array in files.items():
+        with h5py.File(tmp_path / f"{name}_noisy.h5", "w") as f:
+            f["avadataset"] = array
+    noisy = tuple(str(tmp_path / f"{name}_noisy.h5") for name in ("audio", "visual", "labels"))
+    base = train(TrainOptions("avel", "weak", str(tmp_path / "a"), epochs=1, batch_size=8, device="cpu"),
+                 DataPaths(str(features), str(annotations)))
+    extra = train(TrainOptions("avel", "weak", str(tmp_path / "b"), epochs=1, batch_size=8, device="cpu"),
+                  DataPaths(str(features), str(annotations), noisy=noisy))
+    assert extra["train_rows"] == base["train_rows"] + 5
+    result = run_cli("train", "--model", "avel", "--task", "supervised", "--features", features, "--annotations",
+                     annotations, "--out", tmp_path / "c", "--epochs", "1", "--device", "cpu",
+                     "--noisy-audio", noisy[0], "--noisy-visual", noisy[1], "--noisy-labels", noisy[2])
+    assert result.returncode == 2 and "--task weak only" in result.stderr

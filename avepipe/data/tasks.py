@@ -81,3 +81,31 @@ def batches(table: FeatureTable, rowset: RowSet, batch_size: int, *, shuffle: bo
     order = torch.randperm(n, generator=generator).to(device) if shuffle else torch.arange(n, device=device)
     for start in range(0, n, batch_size):
         yield batch(table, rowset, order[start : start + batch_size])
+
+
+def with_noisy_videos(table: FeatureTable, rowset: RowSet, visual: torch.Tensor, audio: torch.Tensor,
+                      video_label: torch.Tensor) -> tuple[FeatureTable, RowSet]:
+    """Append the weakly supervised extra videos (background-only, video labels only) to a training split.
+
+    ``visual`` [M, S, 7, 7, Dv], ``audio`` [M, S, Da], ``video_label`` [M] (28 for the released noisy set). Their
+    per-second labels are background and their event masks empty; only the video label is used by the weak losses.
+    """
+    m, seconds = audio.shape[0], table.mask.shape[1]
+    device = table.visual.device
+    start = len(table.video_ids)
+    merged = FeatureTable(
+        table.video_ids + [f"noisy-{i}" for i in range(m)],
+        torch.cat([table.visual, visual.to(device=device, dtype=table.visual.dtype)]),
+        torch.cat([table.audio, audio.to(device=device, dtype=table.audio.dtype)]),
+        torch.cat([table.mask, torch.ones(m, seconds, dtype=torch.bool, device=device)]),
+        table.spec,
+    )
+    rows = RowSet(
+        np.concatenate([rowset.rows, np.full(m, -1, dtype=np.int64)]),  # -1: not an Annotations row
+        torch.cat([rowset.video, torch.arange(start, start + m, device=device)]),
+        torch.cat([rowset.labels, torch.full((m, seconds), BACKGROUND, dtype=torch.long, device=device)]),
+        torch.cat([rowset.event, torch.zeros(m, seconds, device=device)]),
+        torch.cat([rowset.video_label, video_label.to(device=device, dtype=torch.long)]),
+        torch.cat([rowset.mask, torch.ones(m, seconds, dtype=torch.bool, device=device)]),
+    )
+    return merged, rows
