@@ -15,7 +15,7 @@ class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
         elapsed = task.elapsed or 0.0
         rate = task.completed / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate:.2f} videos/s", style="cyan")
+        return Text(f"{rate:.3g} videos/s", style="cyan")
 
 
 class ExtractProgress:
@@ -54,7 +54,7 @@ def render_extract_report(console: Console, errors: Console, report, cache: Path
     rate = len(report.done) / report.elapsed_s if report.elapsed_s > 0 else 0.0
     table.add_row(str(report.total), str(len(report.done)), str(len(report.skipped)),
                   str(len(report.failed) + len(report.previously_failed)), str(report.seconds_of_video),
-                  f"{report.elapsed_s:.1f} s", f"{rate:.2f}")
+                  f"{report.elapsed_s:.1f} s", f"{rate:.3g}")
     console.print(table)
     for vid, message in sorted(report.failed.items()):
         errors.print(f"[red]failed[/] {vid}: {message}", soft_wrap=True)
