@@ -28,6 +28,7 @@ from avepipe.backbones import vggish as vggish_mod
 from avepipe.backbones import weights as weights_mod
 from avepipe.backbones.vgg19 import load_vgg19
 from avepipe.cache import FeatureCache
+from avepipe.devices import resolve_device
 from avepipe.sampling import FRAMES_PER_SECOND
 
 SPEC_VERSION = 1
@@ -205,14 +206,6 @@ def _messages_from_workers(todo: dict[str, Path], config: ExtractConfig, workers
 
 
 # -- backbones (main process) ----------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -400,7 +393,10 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
         raise UsageError(f"--sampling {config.sampling}: choose one of {', '.join(media.SAMPLING_MODES)}")
     if not paths:
         raise UsageError("no input videos (give files, directories or --list)")
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     report = ExtractReport()
     started = time.perf_counter()
     cache = FeatureCache(cache_path, "a")  # takes the writer lock first: a second writer fails fast

@@ -22,6 +22,7 @@ import torch
 
 from avepipe import __version__
 from avepipe.data import ave
+from avepipe.devices import resolve_device
 from avepipe.data.features import FeatureTable, load_feature_table
 from avepipe.data.tasks import RowSet, batches, build_rows, with_noisy_videos
 from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
@@ -221,12 +222,10 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def _optimizer(model: torch.nn.Module, train_cfg: dict) -> torch.optim.Optimizer:

@@ -144,6 +144,7 @@ def test_usage_errors_exit_2(tmp_path, small_clips, weights_args):
         (["--shard", "5/4"], "--shard"),
         (["--sampling", "best"], "--sampling"),
         (["--list", tmp_path / "nolist.txt"], "cannot read the list"),
+        (["--device", "gpu9"], "not a device name"),
     ]
     for extra, words in cases:
         result = run_cli("extract", small_clips / "one.mp4", "--cache", tmp_path / "f.h5", *weights_args, *extra)
