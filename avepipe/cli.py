@@ -22,6 +22,8 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and merge feature ca
 app.add_typer(cache_app, name="cache")
 dataset_app = typer.Typer(no_args_is_help=True, help="The AVE dataset: label files and the released features.")
 app.add_typer(dataset_app, name="dataset")
+weights_app = typer.Typer(no_args_is_help=True, help="Pretrained backbone weights: list, download, import, verify.")
+app.add_typer(weights_app, name="weights")
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -51,9 +53,9 @@ def extract(
     paths: List[Path] = typer.Argument(None, help="Video files and/or directories (searched recursively)."),
     cache: Path = typer.Option(..., "--cache", help="HDF5 feature cache to create or complete."),
     list_file: Optional[Path] = typer.Option(None, "--list", help="Text file with one video path per line."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (the default)."),
     batch_size: int = typer.Option(0, help="Frames per VGG-19 forward (0: 128 on GPU, 32 on CPU)."),
-    workers: int = typer.Option(-1, help="Decoder processes (-1: min(8, CPUs); 0: decode in this process)."),
+    workers: int = typer.Option(-1, help="Decoder processes (-1: min(8, CPUs); 0: decode in this process). With --devices: per device (-1: CPUs / devices, at most 8)."),
     vgg19_weights: Optional[Path] = typer.Option(None, help="Keras VGG-19 no-top .h5 (default: weights dir)."),
     vggish_weights: Optional[str] = typer.Option(None, help="torchvggish state dict .pth, or 'random' (NOT real features)."),
     pca: bool = typer.Option(False, "--pca", help="Apply VGGish PCA + 8-bit quantisation (off in the AVE spec)."),
@@ -61,15 +63,18 @@ def extract(
     sampling: str = typer.Option("ave", help="ave: AVE-compatible (all frames, OpenCV-like resize); fps: ffmpeg fps=16 + scale (faster, approximate)."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
     shard: Optional[str] = typer.Option(None, help="K/N: only the videos whose id hashes to shard K of N (K from 0)."),
+    devices: Optional[str] = typer.Option(None, help="e.g. cuda:0,cuda:1: one process per device on shard K of N, merged into --cache (instead of --device/--shard)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos recorded as failed."),
 ) -> None:
     """Extract AVE-compatible VGG-19 pool5 + VGGish features into a resumable HDF5 cache."""
+    if devices is not None and (device is not None or shard is not None):
+        fail_usage("--devices runs shard K of N on the K-th device itself: give it without --device and --shard")
     from avepipe.cache import CacheError
     from avepipe.extract import ExtractConfig, UsageError, discover, run_extract
     from avepipe.render import ExtractProgress, render_extract_report
 
     config = ExtractConfig(
-        device=device, batch_size=batch_size, workers=workers,
+        device=device or "auto", batch_size=batch_size, workers=workers,
         vgg19_weights=str(vgg19_weights) if vgg19_weights else None, vggish_weights=vggish_weights,
         pca=pca, pca_params=str(pca_params) if pca_params else None, sampling=sampling, precision=precision,
         shard=parse_shard(shard), retry_failed=retry_failed,
@@ -77,14 +82,86 @@ def extract(
     try:
         videos = discover(paths or [], str(list_file) if list_file else None)
         with ExtractProgress(console, errors) as progress:
-            report = run_extract(videos, cache, config, progress.update)
+            if devices is None:
+                report = run_extract(videos, cache, config, progress.update)
+            else:
+                from avepipe.scale import parse_devices, run_multi_device
+
+                report = run_multi_device(videos, cache, parse_devices(devices), config, progress.update)
     except (UsageError, CacheError) as exc:
         fail_usage(str(exc))
     except KeyboardInterrupt:
         errors.print("[yellow]interrupted[/]: finished videos are kept; run the same command again to continue")
         raise typer.Exit(EXIT_INTERRUPTED)
     render_extract_report(console, errors, report, cache)
+    if devices is not None:
+        from avepipe.render import render_device_results
+
+        render_device_results(console, errors, report.devices)
     raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def localize(
+    paths: List[Path] = typer.Argument(None, help="Video files and/or directories (searched recursively)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint from `avepipe train`."),
+    list_file: Optional[Path] = typer.Option(None, "--list", help="Text file with one video path per line."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write --format here: a file, or a directory (one file per video)."),
+    fmt: str = typer.Option("table", "--format", help="table (terminal), json, csv or jsonl."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Timeline PNG: a file (one video) or a directory (<id>.png each)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Keep features here; a second run on the same video skips extraction."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    workers: int = typer.Option(-1, help="Decoder processes (-1: none for one video, else min(8, CPUs))."),
+    vgg19_weights: Optional[Path] = typer.Option(None, help="Keras VGG-19 no-top .h5 (default: weights dir)."),
+    vggish_weights: Optional[str] = typer.Option(None, help="torchvggish state dict .pth, or 'random' (NOT real features)."),
+    pca_params: Optional[Path] = typer.Option(None, help="vggish_pca_params.npz, for checkpoints trained on PCA audio."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+    shard: Optional[str] = typer.Option(None, help="K/N: only the videos whose id hashes to shard K of N (K from 0)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos recorded as failed in --cache."),
+    query_audio: Optional[Path] = typer.Option(None, help="CML A2V checkpoint: file whose audio is the query."),
+    query_video: Optional[Path] = typer.Option(None, help="CML V2A checkpoint: video whose frames are the query."),
+    query_span: Optional[str] = typer.Option(None, help="START-END seconds of the query file, e.g. 3-6."),
+) -> None:
+    """Per-second event labels for any video (>= 1 s) with a trained checkpoint; spans, files and a timeline picture."""
+    from avepipe.cache import CacheError
+    from avepipe.extract import UsageError
+    from avepipe.localization import FORMATS, LocalizeConfig, LocalizeError, localize_videos, parse_span, write_results
+    from avepipe.render import LocalizeProgress, render_localize
+
+    if fmt not in FORMATS:
+        fail_usage(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if fmt != "table" and out is None:
+        fail_usage(f"--format {fmt} needs --out FILE or --out DIR/")
+    try:
+        config = LocalizeConfig(
+            checkpoint=str(checkpoint), cache=str(cache) if cache else None, device=device, workers=workers,
+            vgg19_weights=str(vgg19_weights) if vgg19_weights else None, vggish_weights=vggish_weights,
+            pca_params=str(pca_params) if pca_params else None, precision=precision, shard=parse_shard(shard),
+            retry_failed=retry_failed, query_audio=str(query_audio) if query_audio else None,
+            query_video=str(query_video) if query_video else None,
+            query_span=parse_span(query_span) if query_span else None,
+        )
+        with LocalizeProgress(errors, errors) as progress:  # progress on stderr: stdout carries the labels
+            results, _ = localize_videos(paths or [], config, list_file=str(list_file) if list_file else None,
+                                         progress=progress.update)
+    except (UsageError, CacheError, LocalizeError) as exc:
+        fail_usage(str(exc))
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    render_localize(console, errors, results, show_seconds=fmt == "table")
+    if out is not None and fmt != "table":
+        for path in write_results(results, fmt, out):
+            console.print(f"wrote {path}")
+    if plot is not None:
+        from avepipe.timeline import save_timeline
+
+        ok = [r for r in results if r.error is None]
+        many = len(ok) > 1 or plot.is_dir() or str(plot).endswith(("/", os.sep))
+        for result in ok:
+            target = plot / f"{result.id}.png" if many else plot
+            console.print(f"wrote {save_timeline(result, target)}")
+    raise typer.Exit(EXIT_FAILED if any(r.error for r in results) else EXIT_OK)
 
 
 @cache_app.command("ls")
@@ -117,6 +194,99 @@ def cache_merge(
     except CacheError as exc:
         fail_usage(str(exc))
     console.print(f"merged {len(inputs)} caches into {out}: {count} videos")
+
+
+# --- avepipe weights: list / download / import / verify (avepipe/backbones/weights.py, download.py) -------------------
+
+
+def _weights_selection(names: Optional[List[str]]) -> list[str]:
+    from avepipe.backbones.weights import WeightsError, select_names
+
+    try:
+        return select_names(names)
+    except WeightsError as exc:
+        fail_usage(str(exc))
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """The manifest's weight files: present or not, official or not, size and download URL."""
+    from avepipe.backbones.weights import WeightsError, weights_dir, weights_status
+    from avepipe.render import render_weights_list
+
+    try:
+        statuses = [weights_status(name) for name in _weights_selection(None)]
+    except WeightsError as exc:
+        fail_usage(str(exc))
+    render_weights_list(console, statuses, weights_dir())
+
+
+@weights_app.command("download")
+def weights_download(
+    names: List[str] = typer.Argument(None, help="Manifest names (default: all)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL: fetch <URL>/<file> instead of the manifest URL (env AVEPIPE_WEIGHTS_MIRROR)."),
+    force: bool = typer.Option(False, "--force", help="Replace a present file that does not match the manifest."),
+    retries: int = typer.Option(3, help="Retries after a dropped connection (each resumes the download)."),
+) -> None:
+    """Download weights into the weights dir: checksum-verified, atomic, resumable (re-run to continue)."""
+    from avepipe.backbones.download import download
+    from avepipe.backbones.weights import WeightsError, weights_dir
+    from avepipe.render import DownloadProgress, render_weights_outcomes
+
+    selected = _weights_selection(names)
+    if retries < 0:
+        fail_usage("--retries must be 0 or more")
+    try:
+        with DownloadProgress(console, errors) as progress:
+            outcomes = download(selected, weights_dir(), mirror=mirror, progress=progress.update, force=force,
+                                retries=retries)
+    except WeightsError as exc:
+        fail_usage(str(exc))
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/]: the partial download is kept as <file>.part; run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    render_weights_outcomes(console, errors, outcomes)
+    raise typer.Exit(EXIT_FAILED if any(item.status == "failed" for item in outcomes) else EXIT_OK)
+
+
+@weights_app.command("import")
+def weights_import(
+    file: Path = typer.Argument(..., help="A weights file you already have."),
+    as_name: Optional[str] = typer.Option(None, "--as", help="Manifest name it stands for (default: found by checksum)."),
+    force: bool = typer.Option(False, "--force", help="Import it even if it is not the official file (recorded as unofficial)."),
+) -> None:
+    """Copy a weights file into the weights dir under its manifest name, after checking it is the official file."""
+    from avepipe.backbones.download import import_file
+    from avepipe.backbones.weights import WeightsError
+    from avepipe.render import render_weights_outcomes
+
+    try:
+        outcome = import_file(file, as_name, force=force)
+    except WeightsError as exc:
+        fail_usage(str(exc))
+    render_weights_outcomes(console, errors, [outcome])
+    raise typer.Exit(EXIT_FAILED if outcome.status == "failed" else EXIT_OK)
+
+
+@weights_app.command("verify")
+def weights_verify(names: List[str] = typer.Argument(None, help="Manifest names (default: all).")) -> None:
+    """Checksum the weight files: official, unofficial (recorded import), MISMATCH or missing (exit 1 if named)."""
+    from rich.markup import escape
+
+    from avepipe.backbones.weights import WeightsError, expected_checksum, weights_dir, weights_status
+    from avepipe.render import render_weights_verify
+
+    try:
+        statuses = [weights_status(name) for name in _weights_selection(names)]
+    except WeightsError as exc:
+        fail_usage(str(exc))
+    render_weights_verify(console, statuses, weights_dir())
+    bad = [s for s in statuses if s.state == "mismatch" or (s.state == "missing" and names)]
+    for status in bad:
+        problem = ("missing (avepipe weights download)" if status.state == "missing" else
+                   f"checksum mismatch: expected {expected_checksum(status.entry)}, got {status.actual}")
+        errors.print(f"[bold red]error:[/] {escape(str(status.path))}: {problem}", soft_wrap=True)
+    raise typer.Exit(EXIT_FAILED if bad else EXIT_OK)
 
 
 @app.command("models")

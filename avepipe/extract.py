@@ -223,9 +223,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 class Backbones:
     """VGG-19 and VGGish on one device, with the weights' identities."""
 
-    def __init__(self, config: ExtractConfig, device: torch.device):
+    def __init__(self, config: ExtractConfig, device: torch.device, visual: bool = True):
         self.device = device
         self.autocast = resolve_precision(config.precision, device)
+        self.vggish, self.vggish_info, self.pca_info = self._load_vggish(config, device)
+        self.vggish.eval()
+        if not visual:  # audio only (a CML audio query): VGG-19 is not loaded at all
+            self.vgg19, self.vgg19_info = None, None
+            return
         if config.vgg19_weights == weights_mod.RANDOM:  # benchmarks only: speed does not depend on the values
             torch.manual_seed(0)
             self.vgg19 = load_vgg19(None, map_location=device)
@@ -239,11 +244,9 @@ class Backbones:
                 self.vgg19 = load_vgg19(vgg_path, map_location=device)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-        self.vggish, self.vggish_info, self.pca_info = self._load_vggish(config, device)
         if device.type == "cuda":
             self.vgg19 = self.vgg19.to(memory_format=torch.channels_last)
         self.vgg19.eval()
-        self.vggish.eval()
 
     @staticmethod
     def _load_vggish(config: ExtractConfig, device: torch.device):

@@ -114,8 +114,10 @@ def _looks_like_mp4(path: str) -> bool:
     return head[4:8] in (b"ftyp", b"mdat", b"moov", b"free", b"wide", b"skip")
 
 
-def probe(path: str | os.PathLike) -> MediaInfo:
-    """Duration, streams and sizes of ``path``; raises a :class:`MediaError` subclass for unusable files."""
+def probe(path: str | os.PathLike, require_video: bool = True) -> MediaInfo:
+    """Duration, streams and sizes of ``path``; raises a :class:`MediaError` subclass for unusable files.
+
+    ``require_video=False`` accepts audio-only files (a CML audio query); their video fields are -1 / 0."""
     path = str(path)
     if not os.path.isfile(path):
         raise MissingFileError(path, "no such file" if not os.path.exists(path) else "not a regular file")
@@ -130,14 +132,14 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         raise _classify_open_error(path, stderr)
     video = next((m for m in streams if m.group(2) == "Video" and "attached pic" not in m.group(3)), None)
     audio = next((m for m in streams if m.group(2) == "Audio"), None)
-    if video is None:
+    if video is None and (require_video or audio is None):
         raise NoVideoStreamError(path, "the file has audio only" if audio else "no decodable video stream")
     if audio is None:
         raise NoAudioStreamError(path, "the video has no sound track (AVE features need both)")
-    size = _SIZE.search(video.group(3))
-    if size is None:
+    size = _SIZE.search(video.group(3)) if video else None
+    if video is not None and size is None:
         raise CorruptMediaError(path, "video stream has no frame size")
-    fps_match = _FPS.search(video.group(3))
+    fps_match = _FPS.search(video.group(3)) if video else None
     rate = _RATE.search(audio.group(3))
     duration_match = _DURATION.search(stderr)
     if duration_match is None:
@@ -152,9 +154,9 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         path=path,
         duration=duration,
         seconds=seconds,
-        video_stream=int(video.group(1)),
-        width=int(size.group(1)),
-        height=int(size.group(2)),
+        video_stream=int(video.group(1)) if video else -1,
+        width=int(size.group(1)) if size else 0,
+        height=int(size.group(2)) if size else 0,
         fps=float(fps_match.group(1)) if fps_match else 0.0,
         audio_stream=int(audio.group(1)),
         sample_rate=int(rate.group(1)) if rate else 0,
@@ -421,3 +423,28 @@ def _fps_frames(info: MediaInfo, chunk_seconds: int) -> Iterator[np.ndarray]:
     pending.extend([last] * (needed - emitted - len(pending)))
     if pending:
         yield np.stack(pending).reshape(-1, FRAMES_PER_SECOND, FRAME_SIZE, FRAME_SIZE, 3)
+
+
+def thumbnails(info: MediaInfo, seconds: int, width: int = 96) -> np.ndarray:
+    """One small RGB frame per second (the frame at s + 0.5 s), uint8 ``[seconds, h, width, 3]``.
+
+    For pictures, not features: ffmpeg's scaler is fine here. A video whose frames end early repeats its last frame.
+    """
+    height = max(2, int(round(width * info.height / max(1, info.width) / 2)) * 2)
+    filters = [("trim", (), {"start": 0.5}), ("setpts", ("PTS-STARTPTS",), {}), ("fps", (), {"fps": 1}),
+               ("scale", (width, height), {"flags": "area"})]
+    pipe = FramePipe(info, filters, size=(width, height))
+    out = np.zeros((seconds, height, width, 3), np.uint8)
+    got = 0
+    for frame in pipe:
+        if got < seconds:
+            out[got] = frame
+        got += 1
+        if got >= seconds:
+            break
+    pipe.close()
+    if got < seconds:
+        pipe.check()
+        if got:
+            out[got:] = out[got - 1]
+    return out

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -62,6 +63,21 @@ def render_extract_report(console: Console, errors: Console, report, cache: Path
         errors.print(f"[yellow]failed earlier[/] {vid}: {message} (use --retry-failed)", soft_wrap=True)
     for text in report.warnings:
         errors.print(f"[bold yellow]WARNING:[/] {text}", soft_wrap=True)
+
+
+def render_device_results(console: Console, errors: Console, devices: list) -> None:
+    """One row per device of ``extract --devices`` (avepipe.scale.DeviceResult); a device that stopped early on stderr."""
+    table = Table(title="per device", show_header=True)
+    for column in ("device", "shard", "videos", "extracted", "failed", "time"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for d in devices:
+        table.add_row(d.device, f"{d.shard}/{d.shards}", str(d.videos), str(d.done), str(d.failed),
+                      f"{d.elapsed_s:.1f} s" if d.videos else "-")
+    console.print(table)
+    for d in devices:
+        if d.error:
+            errors.print(f"[red]device {d.device} (shard {d.shard}/{d.shards}) stopped:[/] {d.error}; "
+                         f"run the same command again to extract its remaining videos", soft_wrap=True)
 
 
 def render_cache(console: Console, reader, failed_only: bool = False) -> None:  # noqa: ANN001
@@ -130,3 +146,148 @@ def render_train_summary(console: Console, result: dict[str, Any], out: Path) ->
     else:
         console.print(f"best epoch {result['best_epoch']} (chosen on val): val {metric} {result['val_' + metric]:.4f}, "
                       f"test {metric} {result['test_' + metric]:.4f}  ({out}/checkpoint.pt, {out}/metrics.json)")
+
+
+class LocalizeProgress(ExtractProgress):
+    """Extraction progress for localize; labelling itself is quick and shows no bar."""
+
+    def update(self, event: str, fields: dict[str, Any]) -> None:
+        if event == "video" and fields["status"] == "failed" and self.task is not None:
+            self.progress.advance(self.task)  # the failure is listed once, with the labels
+        elif event != "labelled":
+            super().update(event, fields)
+
+
+def localize_table(result) -> Table:  # noqa: ANN001 - avepipe.localization.VideoLabels
+    """Per-second labels of one video as a rich table (what the terminal shows)."""
+    title = f"{result.video}: {len(result.seconds)} s"
+    if result.query:
+        title += f", {result.query['direction']} query {result.query['file']} {result.query['start']}-{result.query['end']} s"
+    table = Table(title=title)
+    for column in ("start", "end", "label", "event p", "class p", "top-3"):
+        table.add_column(column, justify="right" if column in ("start", "end", "event p", "class p") else "left")
+    for s in result.seconds:
+        top = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in s.top3)
+        table.add_row(str(s.start), str(s.end), s.label, f"{s.event_probability:.2f}", f"{s.class_probability:.2f}", top)
+    return table
+
+
+def render_localize(console: Console, errors: Console, results, show_seconds: bool = True) -> None:  # noqa: ANN001
+    for result in results:
+        if result.error:
+            errors.print(f"[red]failed:[/] {result.error}", soft_wrap=True)
+            continue
+        if show_seconds:
+            console.print(localize_table(result))
+        spans = "  ".join(f"[bold]{s['label']}[/] {s['start']}-{s['end']} s" for s in result.spans)
+        console.print(f"{result.video}: {spans}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# avepipe weights
+
+
+def _megabytes(size: int | None) -> str:
+    return "?" if size is None else f"{size / 1e6:.1f} MB"
+
+
+class DownloadProgress:
+    """One bar per weights file (bytes, speed, time left); retries are announced on stderr."""
+
+    def __init__(self, console: Console, errors: Console):
+        from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self.errors = errors
+        self.progress = Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=console)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "DownloadProgress":
+        return self  # the bars start with the first download (nothing to draw when every file is present)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tasks:
+            self.progress.stop()
+
+    def update(self, event: str, fields: dict[str, Any]) -> None:
+        name = fields["name"]
+        if event == "start":
+            task = self.tasks.get(name)
+            if task is None:
+                if not self.tasks:
+                    self.progress.start()
+                self.tasks[name] = self.progress.add_task("", total=fields["total"], completed=fields["resumed"], name=name)
+            else:  # a retry: the bar restarts from what the .part holds now
+                self.progress.reset(task, total=fields["total"], completed=fields["resumed"])
+            if fields["resumed"]:
+                self.progress.console.print(f"{name}: resuming at {_megabytes(fields['resumed'])} ({escape(fields['url'])})")
+        elif event == "advance" and name in self.tasks:
+            self.progress.advance(self.tasks[name], fields["bytes"])
+        elif event == "retry":
+            self.errors.print(f"[yellow]retry {fields['attempt']}/{fields['retries']}[/] {name}: "
+                              f"{escape(fields['message'])}", soft_wrap=True)
+
+
+def render_weights_outcomes(console: Console, errors: Console, outcomes: list) -> None:
+    """One line per item of ``avepipe weights download`` / ``import``: done on stdout, failures on stderr."""
+    for item in outcomes:
+        message = escape(item.message)
+        if item.status == "failed":
+            errors.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        elif item.status == "present":
+            console.print(f"{item.name}: {escape(item.path)} {message}", soft_wrap=True)
+        elif item.official:
+            console.print(f"{item.name}: {item.status} {escape(item.path)} ({message})", soft_wrap=True)
+        else:
+            errors.print(f"[bold yellow]WARNING:[/] {item.name}: {item.status} {escape(item.path)} ({message}); features "
+                         "computed with it are NOT the published AVE features", soft_wrap=True)
+
+
+def _state_text(status) -> str:  # noqa: ANN001 - avepipe.backbones.weights.WeightsStatus
+    if status.state == "official":
+        return "[green]official[/]"
+    if status.state == "unofficial":
+        record = status.record or {}
+        return f"[yellow]unofficial[/] (imported {record.get('date', '?')} from {escape(record.get('source', '?'))})"
+    if status.state == "mismatch":
+        return "[bold red]MISMATCH[/] (neither the official file nor a recorded import)"
+    return "-"
+
+
+def render_weights_list(console: Console, statuses: list, directory: Path) -> None:
+    from avepipe.backbones.download import source_url
+
+    table = Table(title=f"weights in {directory}")
+    for column in ("name", "file", "present", "official", "size", "url"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for status in statuses:
+        if status.state != "missing":
+            present = "yes"
+        elif status.partial is not None:
+            present = f"[yellow]no[/] (partial download: {_megabytes(status.partial)})"
+        else:
+            present = "[yellow]no[/]"
+        size = status.size if status.size is not None else status.entry.get("size")
+        table.add_row(status.name, status.entry["file"], present, _state_text(status), _megabytes(size),
+                      escape(source_url(status.entry)))
+    console.print(table)
+
+
+def _short(checksum: str | None) -> str:
+    """``sha256 bde7da0dfd621cbf…``: enough to tell files apart in a table (error lines print the whole checksum)."""
+    if checksum is None:
+        return "-"
+    kind, _, digest = checksum.rpartition(" ")
+    return f"{kind} {digest[:16]}…" if len(digest) > 16 else checksum
+
+
+def render_weights_verify(console: Console, statuses: list, directory: Path) -> None:
+    from avepipe.backbones.weights import expected_checksum
+
+    table = Table(title=f"verify {directory}")
+    for column in ("name", "file", "status", "checksum", "manifest"):
+        table.add_column(column)
+    for status in statuses:
+        state = "[yellow]missing[/]" if status.state == "missing" else _state_text(status)
+        table.add_row(status.name, status.entry["file"], state, _short(status.actual), _short(expected_checksum(status.entry)))
+    console.print(table)

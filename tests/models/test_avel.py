@@ -8,37 +8,15 @@ import torch
 from avepipe.data.synthetic import make_synthetic_ave
 from avepipe.models.avel import AVEL
 from avepipe.models.layers import DMRN, MaskedLSTM, lengths_from_mask, masked_mean, mil_pool
+from avepipe.metrics import segment_accuracy as _segment_accuracy
 from avepipe.models.registry import build_model, get_spec, parameter_count
+from tests.models.common import forward as _forward
+from tests.models.common import small_data as _small_data
+from tests.models.common import split as _split
+from tests.models.common import train as _train
 
 SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 64, "lstm_hidden": 32}
 VARIANTS = [("supervised", "concat"), ("supervised", "dmrn"), ("weak", "concat"), ("weak", "dmrn")]
-
-
-def _small_data(n_videos: int, seed: int = 0, **kw) -> dict[str, torch.Tensor]:
-    return make_synthetic_ave(n_videos, visual_dim=64, audio_dim=32, seed=seed, **kw)
-
-
-def _forward(model, batch):
-    return model(batch["visual"], batch["audio"], batch["mask"])
-
-
-def _segment_accuracy(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
-    return (pred == labels)[mask].float().mean().item()
-
-
-def _train(model, data, *, task: str, epochs: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n = data["labels"].shape[0]
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(n).split(batch_size):
-            batch = {k: v[idx] for k, v in data.items()}
-            loss = model.loss(_forward(model, batch), batch, task)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
 
 
 # ---- registry and shapes ---------------------------------------------------------------------------------------------
@@ -187,11 +165,6 @@ def test_gradient_reaches_every_parameter(task, fusion):
 # ---- learning --------------------------------------------------------------------------------------------------------
 # Synthetic AVE-like task (avepipe.data.synthetic): an event second is one where audio and visual show the same class.
 # Events last >= 2 s as in AVE. Small widths keep each test under a minute on 2 CPU cores.
-
-
-def _split(data: dict[str, torch.Tensor], n_train: int) -> tuple[dict, dict]:
-    # One generator call, then split: held-out videos share the training set's class prototypes.
-    return {k: v[:n_train] for k, v in data.items()}, {k: v[n_train:] for k, v in data.items()}
 
 
 def test_learns_synthetic_supervised():

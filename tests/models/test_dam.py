@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from avepipe.data.synthetic import make_synthetic_ave
-from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
+from avepipe.metrics import segment_accuracy
 from avepipe.models.dam import BACKGROUND, DAM
 from avepipe.models.registry import build_model, get_spec, parameter_count
+from tests.models.common import exact_match as _exact_match
+from tests.models.common import make_batch as _batch
+from tests.models.common import train as _train
 
 # Small widths keep the learning tests within ~30 s on 2 CPU cores.
 SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 128, "lstm_hidden": 64, "cml_hidden": 64, "cml_dim": 32}
@@ -17,45 +20,6 @@ SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 128, "lstm_hidden": 64
 def _synthetic(n_videos, *, visual_dim=512, audio_dim=128, **kwargs):
     # Held-out data of the same task comes from splitting one call (the prototypes are drawn from the seed).
     return make_synthetic_ave(n_videos, visual_dim=visual_dim, audio_dim=audio_dim, **kwargs)
-
-
-def _exact_match(model: DAM, data: dict, direction: str, squash: bool = False) -> float:
-    """CML exact match, decoded as the pipeline does (max contiguous sum of match_logits over the query length);
-    ``squash`` sums sigmoid(match_logits) instead, the paper's per-second prediction scores."""
-    query = data["event"].bool()
-    with torch.no_grad():
-        scores = model.forward_cml(data["visual"], data["audio"], data["mask"], query, direction)["match_logits"]
-    if squash:
-        scores = torch.sigmoid(scores)
-    return cml_exact_match(cml_predict(scores, query.sum(1)), query.float().argmax(1))
-
-
-def _batch(data: dict, idx: torch.Tensor) -> dict:
-    batch = {k: v[idx] for k, v in data.items()}
-    batch["query_mask"] = batch["target_mask"] = batch["event"].bool()
-    return batch
-
-
-def _train(model: DAM, data: dict, *, epochs: int, lr: float, batch_size: int, task: str, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n = data["labels"].shape[0]
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(n).split(batch_size):
-            b = _batch(data, idx)
-            if task == "cml":
-                # DAM trains both matching directions (Eq. 5-7); here one BCE per direction, summed.
-                loss = sum(
-                    model.loss(model.forward_cml(b["visual"], b["audio"], b["mask"], b["query_mask"], d), b, "cml")
-                    for d in ("a2v", "v2a")
-                )
-            else:
-                loss = model.loss(model(b["visual"], b["audio"], b["mask"]), b, "supervised")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
 
 
 # ---- registry and shapes ----------------------------------------------------------------------------------------------

@@ -1,0 +1,275 @@
+"""Bring the manifest's weight files into the weights folder: HTTP(S) download with resume, or import of a local copy.
+
+Either way a file reaches its final name only through an atomic rename after its checksum was verified (or, for
+``import --force``, after it was recorded as unofficial), so a file under the manifest's name is never a half copy.
+Downloads stream into ``<file>.part``; a later run resumes it with an HTTP Range request (206) or starts over when the
+server ignores the range (200). Standard library only (urllib).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote
+from urllib.request import Request, urlopen
+
+from avepipe import __version__
+from avepipe.backbones.weights import (
+    WeightsError,
+    actual_checksum,
+    expected_checksum,
+    file_digests,
+    forget_unofficial,
+    manifest,
+    matches,
+    record_unofficial,
+    weights_dir,
+)
+
+MIRROR_ENV = "AVEPIPE_WEIGHTS_MIRROR"
+CHUNK = 1 << 16
+
+Progress = Callable[[str, dict[str, Any]], None]  # (event, fields): start / advance / retry
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    path: str
+    status: str  # downloaded | present | imported | failed
+    message: str = ""
+    official: bool = True
+
+
+class DownloadError(Exception):
+    """A download that cannot succeed now (HTTP 404, retries used up); the message is one line."""
+
+
+class _Retryable(Exception):
+    """A dropped connection or a transient server error: try again, resuming from the ``.part``."""
+
+
+def source_url(entry: dict[str, Any], mirror: Optional[str] = None) -> str:
+    """The manifest URL, or ``<mirror>/<file>`` when a mirror is given (argument, else ``$AVEPIPE_WEIGHTS_MIRROR``)."""
+    base = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
+    if base:
+        return base.rstrip("/") + "/" + quote(entry["file"])
+    return entry["url"]
+
+
+def part_path(final: Path) -> Path:
+    return final.with_name(final.name + ".part")
+
+
+def _no_progress(event: str, fields: dict[str, Any]) -> None:
+    pass
+
+
+def download(names: list[str], directory: Optional[Path] = None, *, mirror: Optional[str] = None,
+             progress: Optional[Progress] = None, force: bool = False, retries: int = 3, timeout: float = 30.0,
+             backoff: float = 1.0) -> list[Outcome]:
+    """Download the manifest entries ``names``; every one is attempted, failures are outcomes, not exceptions."""
+    directory = Path(directory) if directory is not None else weights_dir()
+    entries = manifest()
+    return [download_entry(name, entries[name], directory, mirror=mirror, progress=progress, force=force,
+                           retries=retries, timeout=timeout, backoff=backoff) for name in names]
+
+
+def download_entry(name: str, entry: dict[str, Any], directory: Path, *, url: Optional[str] = None,
+                   mirror: Optional[str] = None, progress: Optional[Progress] = None, force: bool = False,
+                   retries: int = 3, timeout: float = 30.0, backoff: float = 1.0) -> Outcome:
+    """Download one entry (``file``, ``url``, a checksum: ``sha256`` / ``md5`` / ``sha256_prefix``, optional ``size``)."""
+    report = progress or _no_progress
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / entry["file"]
+    if final.exists():
+        md5, sha = file_digests(final)
+        if matches(entry, md5, sha):
+            return Outcome(name, str(final), "present", "already present and verified")
+        if not force:
+            return Outcome(name, str(final), "failed",
+                           f"{final} exists but is not the official file ({actual_checksum(entry, md5, sha)}); "
+                           "move it away, or use --force to replace it")
+    url = url or source_url(entry, mirror)
+    part = part_path(final)
+    try:
+        _fetch(name, url, part, entry.get("size"), report, retries, timeout, backoff)
+    except DownloadError as exc:
+        return Outcome(name, str(final), "failed", str(exc))
+    md5, sha = file_digests(part)
+    if not matches(entry, md5, sha):
+        part.unlink()  # resuming from wrong bytes could never succeed
+        return Outcome(name, str(final), "failed",
+                       f"{entry['file']}: checksum mismatch: expected {expected_checksum(entry)}, got "
+                       f"{actual_checksum(entry, md5, sha)} (from {url}); the download was deleted")
+    os.replace(part, final)
+    forget_unofficial(directory, name)
+    return Outcome(name, str(final), "downloaded", f"verified {expected_checksum(entry)}")
+
+
+def _fetch(name: str, url: str, part: Path, size: Optional[int], report: Progress, retries: int, timeout: float,
+           backoff: float) -> None:
+    """Fill ``part`` with the whole file, resuming after dropped connections up to ``retries`` times."""
+    failures = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have > size:
+            part.unlink()
+            have = 0
+        if size is not None and have == size:
+            return  # complete from an earlier run that stopped before verifying; verification decides
+        try:
+            _fetch_once(name, url, part, have, size, report, timeout)
+            return
+        except _Retryable as exc:
+            failures += 1
+            kept = part.stat().st_size if part.exists() else 0
+            if failures > retries:
+                where = f"{kept} bytes kept in {part}, run again to resume" if kept else "nothing kept"
+                raise DownloadError(f"{part.name.removesuffix('.part')}: download failed after {failures} attempts: {exc} "
+                                    f"({where})") from None
+            report("retry", {"name": name, "attempt": failures, "retries": retries, "message": str(exc)})
+            time.sleep(backoff * failures)
+
+
+def _fetch_once(name: str, url: str, part: Path, have: int, size: Optional[int], report: Progress,
+                timeout: float) -> None:
+    headers = {"User-Agent": f"avepipe/{__version__}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urlopen(Request(url, headers=headers), timeout=timeout)
+    except HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and have:
+            # Nothing past ``have``: the .part already holds the whole file, unless the server says otherwise.
+            total = _range_total(exc.headers.get("Content-Range"))
+            if total is None or total == have:
+                return
+            part.unlink()
+            raise _Retryable(f"the server has {total} bytes but {part.name} holds {have}: starting over") from None
+        if exc.code in (408, 429) or exc.code >= 500:
+            raise _Retryable(f"HTTP {exc.code} {exc.reason}") from None
+        raise DownloadError(f"{part.name.removesuffix('.part')}: HTTP {exc.code} {exc.reason} for {url}") from None
+    except URLError as exc:
+        if isinstance(exc.reason, (socket.gaierror, FileNotFoundError, PermissionError)):  # retrying will not help
+            raise DownloadError(f"{part.name.removesuffix('.part')}: cannot reach {url}: {exc.reason}") from None
+        raise _Retryable(f"cannot connect to {url}: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+
+    with response:
+        status = response.status or 200  # file:// answers without a status: the whole file
+        start = 0
+        mode = "wb"  # 200: the server ignored the range (or none was asked for): start over
+        if have and status == 206:
+            first = _range_start(response.headers.get("Content-Range"))
+            if first != have:
+                part.unlink()
+                raise _Retryable(f"the server sent a range starting at {first}, not {have}: starting over")
+            start, mode = have, "ab"
+        length = response.headers.get("Content-Length")
+        length = int(length) if length is not None and length.isdigit() else None
+        total = start + length if length is not None else size
+        report("start", {"name": name, "url": url, "total": total, "resumed": start})
+        written = 0
+        with open(part, mode) as out:
+            try:
+                for block in iter(lambda: response.read(CHUNK), b""):
+                    out.write(block)
+                    written += len(block)
+                    report("advance", {"name": name, "bytes": len(block)})
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Retryable(f"connection dropped after {start + written} bytes ({type(exc).__name__})") from None
+            finally:
+                out.flush()
+                os.fsync(out.fileno())
+    # http.client does not always raise when a connection closes early: compare with the announced length.
+    if length is not None and written < length:
+        raise _Retryable(f"connection dropped after {start + written} of {start + length} bytes")
+
+
+def _range_start(header: Optional[str]) -> Optional[int]:
+    match = re.match(r"bytes (\d+)-", header or "")
+    return int(match.group(1)) if match else None
+
+
+def _range_total(header: Optional[str]) -> Optional[int]:
+    match = re.match(r"bytes [\d*-]+/(\d+)", header or "")
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# import
+
+
+def import_file(source: str | os.PathLike, name: Optional[str] = None, directory: Optional[Path] = None,
+                force: bool = False) -> Outcome:
+    """Copy a local weights file into the weights folder under its manifest name.
+
+    The entry is found by checksum, or given as ``name``. A file that does not match its entry is refused unless
+    ``force``; then it is installed anyway and recorded in ``unofficial.json``. Raises :class:`WeightsError` for bad
+    input (missing file, unknown name, a forced file whose entry cannot be told).
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise WeightsError(f"{source}: no such file")
+    entries = manifest()
+    if name is not None and name not in entries:
+        raise WeightsError(f"unknown weights {name}: choose from {', '.join(entries)}")
+    directory = Path(directory) if directory is not None else weights_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    # Copy first, hashing on the way (one read of the file), then decide what the copy is.
+    handle, tmp_name = tempfile.mkstemp(prefix=".import-", suffix=".tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        md5, sha = _copy_hashing(source, handle)
+        if name is None:
+            name = next((key for key, entry in entries.items() if matches(entry, md5, sha)), None)
+        if name is None and force:
+            name = next((key for key, entry in entries.items() if entry["file"] == source.name), None)
+            if name is None:
+                raise WeightsError(f"{source}: matches no manifest entry (sha256 {sha}); say which it is with --as NAME")
+        if name is None:
+            return Outcome("?", str(source), "failed",
+                           f"{source} matches no manifest entry (sha256 {sha}); to use it anyway: --as NAME --force "
+                           "(recorded as unofficial)")
+        entry = entries[name]
+        final = directory / entry["file"]
+        official = matches(entry, md5, sha)
+        if not official and not force:
+            return Outcome(name, str(final), "failed",
+                           f"{source} is not the official {name} file: expected {expected_checksum(entry)}, got "
+                           f"{actual_checksum(entry, md5, sha)}; use --force to import it anyway (recorded as unofficial)")
+        if not official:
+            record_unofficial(directory, name, entry["file"], sha, source)  # before the rename: never unrecorded
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if official:
+        forget_unofficial(directory, name)
+        return Outcome(name, str(final), "imported", f"verified {expected_checksum(entry)}")
+    return Outcome(name, str(final), "imported", f"UNOFFICIAL (sha256 {sha}), recorded in {directory / 'unofficial.json'}",
+                   official=False)
+
+
+def _copy_hashing(source: Path, handle: int) -> tuple[str, str]:
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            md5.update(block)
+            sha.update(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return md5.hexdigest(), sha.hexdigest()

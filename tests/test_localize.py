@@ -1,0 +1,303 @@
+"""`avepipe localize`: windows, records, writers, plots and CML queries; end to end on real videos of every length."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import avepipe
+from avepipe.localization import (
+    BACKGROUND, MATCH, NO_MATCH, Localizer, LocalizeError, SecondLabel, merge_spans, parse_span, window_owner,
+    window_starts,
+)
+from avepipe.metrics import max_contiguous_window
+from avepipe.models import build_model
+from avepipe.timeline import CELL, PER_ROW
+from avepipe.train import make_checkpoint
+from tests.helpers import run_cli
+from tests.test_train import write_dataset
+
+# The length classes of the shipped media: T (whole seconds) per file.
+LENGTHS = {"sample_1s.mp4": 1, "fire2.mp4": 2, "chaplin.mp4": 9, "smpte-2997.mp4": 10,
+           "big_buck_bunny_0_30.webm": 30, "trailer_bbb.mp4": 55}
+
+
+# ---- windows and spans (pure functions) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds", [1, 3, 9, 10, 11, 19, 20, 25, 30, 55, 596])
+def test_windows_cover_every_second_once(seconds):
+    starts = window_starts(seconds)
+    length = min(10, seconds)
+    assert starts[0] == 0 and starts[-1] + length == seconds  # the last window is aligned to the end
+    assert all(b - a == 10 for a, b in zip(starts[:-2], starts[1:-1]))  # consecutive windows before the last
+    owners = window_owner(seconds, starts)
+    assert len(owners) == seconds
+    for s, w in enumerate(owners):
+        assert starts[w] <= s < starts[w] + length
+        # no covering window leaves the second closer to an edge than its owner does
+        margin = min(s - starts[w], starts[w] + length - 1 - s)
+        for other in starts:
+            if other <= s < other + length:
+                assert min(s - other, other + length - 1 - s) <= margin
+
+
+def test_overlapping_seconds_take_the_most_central_window():
+    # 25 s: windows at 0, 10 and 15; seconds 15..19 lie in [10, 20) and [15, 25).
+    starts = window_starts(25)
+    assert starts == [0, 10, 15]
+    owners = window_owner(25, starts)
+    assert owners[10:15] == [1] * 5
+    assert owners[15:20] == [1, 1, 1, 2, 2]  # 17: margins 2 vs 2 -> the earlier window; 18: 1 vs 3 -> later
+    assert owners[20:] == [2] * 5
+
+
+def test_merge_spans_and_parse_span():
+    labels = ["background", "Dog", "Dog", "background", "Dog"]
+    seconds = [SecondLabel(i, i + 1, lab, 0.5, 0.5, []) for i, lab in enumerate(labels)]
+    assert merge_spans(seconds) == [{"label": "background", "start": 0, "end": 1}, {"label": "Dog", "start": 1, "end": 3},
+                                    {"label": "background", "start": 3, "end": 4}, {"label": "Dog", "start": 4, "end": 5}]
+    assert parse_span("3-6") == (3, 6)
+    for bad in ("6-3", "3", "a-b", "-1-2"):
+        with pytest.raises(LocalizeError):
+            parse_span(bad)
+
+
+# ---- the localizer on features ----------------------------------------------------------------------------------------
+
+SMALL = {"visual_dim": 512, "audio_dim": 128, "att_hidden": 32, "lstm_hidden": 16}
+
+
+def _checkpoint(tmp_path: Path, name: str, task: str, overrides: dict, direction: str | None = None,
+                spec: dict | None = None) -> Path:
+    torch.manual_seed(0)
+    model = build_model(name, task, overrides)
+    ckpt = make_checkpoint(model, name=name, task=task, direction=direction, config={"model": overrides, "train": {}},
+                           class_names=["Bell", "Dog", "Car", "background"], feature_spec=spec or {}, metrics={},
+                           seed=0)
+    path = tmp_path / f"{name}-{task}.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_labels_are_the_models_predictions_of_the_owning_window(tmp_path):
+    path = _checkpoint(tmp_path, "avel", "supervised", SMALL)
+    localizer = Localizer(path, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    visual, audio = torch.randn(25, 7, 7, 512, generator=g).numpy(), torch.randn(25, 128, generator=g).numpy()
+    records = localizer.label(visual, audio)
+    assert [r.start for r in records] == list(range(25)) and all(r.end == r.start + 1 for r in records)
+    starts = window_starts(25)
+    owners = window_owner(25, starts)
+    model = localizer.model
+    with torch.no_grad():
+        for w, start in enumerate(starts):
+            v = torch.from_numpy(visual[None, start : start + 10])
+            a = torch.from_numpy(audio[None, start : start + 10])
+            out = model(v, a, torch.ones(1, 10, dtype=torch.bool))
+            # Classes the checkpoint does not name (3..27) can neither be predicted nor take probability.
+            out["segment_logits"][..., 3:BACKGROUND] = float("-inf")
+            pred = model.predict(out, "supervised")[0]
+            probs = out["segment_logits"][0][:, [0, 1, 2, BACKGROUND]].softmax(-1)
+            for s in (s for s in range(25) if owners[s] == w):
+                expected = int(pred[s - start])
+                assert records[s].label == localizer.name(expected)
+                assert records[s].event_probability == pytest.approx(1 - float(probs[s - start, 3]), abs=1e-4)
+                assert records[s].top3[0]["probability"] == pytest.approx(float(probs[s - start].max()), abs=1e-4)
+                assert {t["label"] for t in records[s].top3} <= {"Bell", "Dog", "Car", "background"}
+
+
+def test_short_video_is_one_window_of_its_length(tmp_path):
+    localizer = Localizer(_checkpoint(tmp_path, "avel", "supervised", SMALL), torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    visual, audio = torch.randn(3, 7, 7, 512, generator=g).numpy(), torch.randn(3, 128, generator=g).numpy()
+    records = localizer.label(visual, audio)
+    with torch.no_grad():
+        out = localizer.model(torch.from_numpy(visual[None]), torch.from_numpy(audio[None]),
+                              torch.ones(1, 3, dtype=torch.bool))
+    out["segment_logits"][..., 3:BACKGROUND] = float("-inf")
+    assert [r.label for r in records] == [localizer.name(int(i)) for i in localizer.model.predict(out, "supervised")[0]]
+
+
+@pytest.mark.parametrize("direction", ["a2v", "v2a"])
+def test_cml_match_is_the_best_window_of_the_query_length(tmp_path, direction):
+    cfg = {"visual_dim": 512, "audio_dim": 128, "att_hidden": 32, "cml_hidden": 16, "cml_dim": 8}
+    localizer = Localizer(_checkpoint(tmp_path, "dam", "cml", cfg, direction=direction), torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    visual, audio = torch.randn(14, 7, 7, 512, generator=g).numpy(), torch.randn(14, 128, generator=g).numpy()
+    query = (audio if direction == "a2v" else visual)[2:5] + 0.1
+    records = localizer.match(visual, audio, query)
+    assert len(records) == 14
+    matched = [r.start for r in records if r.label == MATCH]
+    assert len(matched) == 3 and matched == list(range(matched[0], matched[0] + 3))
+    assert all(r.label in (MATCH, NO_MATCH) for r in records)
+    # The same decoding done by hand: scores of each second from its owning window, then the best 3-s window.
+    starts, scores = window_starts(14), []
+    with torch.no_grad():
+        for s, w in enumerate(window_owner(14, starts)):
+            v = torch.from_numpy(visual[None, starts[w] : starts[w] + 10])
+            a = torch.from_numpy(audio[None, starts[w] : starts[w] + 10])
+            q = torch.zeros(1, 10, *query.shape[1:])
+            q[0, :3] = torch.from_numpy(query)
+            v, a = (v, q) if direction == "a2v" else (q, a)
+            qmask = torch.zeros(1, 10, dtype=torch.bool)
+            qmask[0, :3] = True
+            out = localizer.model.forward_cml(v, a, torch.ones(1, 10, dtype=torch.bool), qmask, direction)
+            scores.append(float(out["match_logits"][0, s - starts[w]]))
+    assert matched[0] == max_contiguous_window(np.array(scores), 3)
+    with pytest.raises(LocalizeError):
+        localizer.match(visual[:2], audio[:2], query)  # a query longer than the video
+
+
+# ---- end to end on real videos ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, real_cache):
+    """A tiny AVEL checkpoint trained on features extracted from the shipped media (hand-made annotations), and a copy
+    of that cache for localize to complete (the three short videos are already in it)."""
+    cache, extracted = real_cache
+    assert extracted.returncode == 0, extracted.stderr
+    root = tmp_path_factory.mktemp("localize")
+    annotations = write_dataset(root / "ave", {
+        "train": [("Car", "chaplin", 2, 7), ("Dog", "bbb_5s_6ch", 1, 4), ("Bell", "fire2", 0, 2)],
+        "val": [("Car", "big_buck_bunny_432_433", 0, 1)],
+        "test": [("Bell", "sample_1s", 0, 1)],
+    })
+    result = run_cli("train", "--model", "avel", "--task", "supervised", "--features", cache, "--annotations",
+                     annotations, "--out", root / "run", "--epochs", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    work_cache = root / "localize.h5"
+    shutil.copy(cache, work_cache)
+    return root / "run" / "checkpoint.pt", work_cache, root
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    """Data rows of the rich tables printed by `localize` (COLUMNS=200 in run_cli keeps each row on one line)."""
+    out = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if line.strip().startswith("│") and len(cells) == 6 and cells[0].isdigit():
+            out.append(cells)
+    return out
+
+
+def test_localize_real_videos_of_every_length(trained, media_dir, weights_args, tmp_path):
+    checkpoint, cache, _ = trained
+    videos = [media_dir / name for name in LENGTHS]
+    common = ["--checkpoint", checkpoint, "--cache", cache, *weights_args]
+    # Extracts 95 s of new video with VGG-19 on the CPU (~4 min on 2 idle cores).
+    first = run_cli("localize", *videos, *common, "--format", "json", "--out", tmp_path / "json/", "--plot",
+                    tmp_path / "plots", timeout=2400)
+    assert first.returncode == 0, first.stderr
+    # Everything is in the cache now: the other formats do not decode again.
+    outputs = {}
+    for fmt in ("csv", "jsonl"):
+        again = run_cli("localize", *videos, *common, "--format", fmt, "--out", tmp_path / f"all.{fmt}")
+        assert again.returncode == 0, again.stderr
+        assert f"{len(videos)} videos already in the cache: skipped" in again.stderr
+        outputs[fmt] = (tmp_path / f"all.{fmt}").read_text()
+    table = run_cli("localize", *videos, *common)
+    assert table.returncode == 0, table.stderr
+
+    csv_rows = list(csv.DictReader(io.StringIO(outputs["csv"])))
+    jsonl_rows = [json.loads(line) for line in outputs["jsonl"].splitlines()]
+    table_rows = _table_rows(table.stdout)
+    assert len(csv_rows) == len(jsonl_rows) == len(table_rows) == sum(LENGTHS.values())
+    offset = 0
+    for name, seconds in LENGTHS.items():
+        vid = Path(name).stem
+        record = json.loads((tmp_path / "json" / f"{vid}.json").read_text())
+        assert len(record) == 1 and record[0]["error"] is None and record[0]["id"] == vid
+        per_second = record[0]["seconds"]
+        # one label per real second, in order, for every length class
+        assert [(s["start"], s["end"]) for s in per_second] == [(t, t + 1) for t in range(seconds)], name
+        for k, s in enumerate(per_second):
+            c, j, t = csv_rows[offset + k], jsonl_rows[offset + k], table_rows[offset + k]
+            assert Path(c["video"]).name == Path(j["video"]).name == name
+            assert c["label"] == j["label"] == t[2] == s["label"]
+            assert int(c["start"]) == j["start"] == int(t[0]) == s["start"]
+            assert float(c["event_probability"]) == j["event_probability"] == s["event_probability"]
+            assert f"{s['event_probability']:.2f}" == t[3] and f"{s['class_probability']:.2f}" == t[4]
+            assert c["top1"] == j["top1"] == s["top3"][0]["label"]
+            assert s["label"] in ("Bell", "Dog", "Car", "background")
+            assert 0.0 <= s["event_probability"] <= 1.0 and 0.0 <= s["class_probability"] <= 1.0
+        offset += seconds
+        # spans: consecutive seconds with one label, covering the video exactly
+        spans = record[0]["spans"]
+        assert spans[0]["start"] == 0 and spans[-1]["end"] == seconds
+        assert all(a["end"] == b["start"] and a["label"] != b["label"] for a, b in zip(spans, spans[1:]))
+        for span in spans:
+            assert {s["label"] for s in per_second[span["start"] : span["end"]]} == {span["label"]}
+        # the picture: one cell per second, rows of at most PER_ROW seconds
+        with Image.open(tmp_path / "plots" / f"{vid}.png") as image:
+            assert image.width == min(seconds, PER_ROW) * CELL, name
+            assert image.height > CELL // 2
+
+
+def test_one_bad_video_fails_alone(trained, media_dir, weights_args, tmp_path):
+    checkpoint, cache, _ = trained
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video\n")
+    result = run_cli("localize", media_dir / "fire2.mp4", fake, "--checkpoint", checkpoint, "--cache", cache,
+                     *weights_args, "--format", "json", "--out", tmp_path / "out.json")
+    assert result.returncode == 1
+    failures = [line for line in result.stderr.splitlines() if "notes.mp4" in line]
+    assert len(failures) == 1 and "Traceback" not in result.stderr
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert [r["id"] for r in records] == ["fire2"] and len(records[0]["seconds"]) == 2
+
+
+def test_usage_errors(trained, media_dir, tmp_path):
+    checkpoint, _, _ = trained
+    video = media_dir / "fire2.mp4"
+    cases = [
+        (["--checkpoint", checkpoint, "--format", "json"], "needs --out"),
+        (["--checkpoint", checkpoint, "--format", "xml", "--out", tmp_path / "x"], "--format xml"),
+        (["--checkpoint", tmp_path / "missing.pt"], "missing.pt"),
+        (["--checkpoint", checkpoint, "--query-audio", video, "--query-span", "0-1"], "needs a CML one"),
+    ]
+    for args, message in cases:
+        result = run_cli("localize", video, *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_cml_query_through_the_cli(trained, media_dir, weights_args, tmp_path):
+    _, cache, _ = trained
+    from avepipe.cache import FeatureCache
+
+    with FeatureCache(cache, "r") as reader:
+        spec = reader.spec
+    cfg = {"visual_dim": 512, "audio_dim": 128, "att_hidden": 32, "cml_hidden": 16, "cml_dim": 8}
+    for direction, option in (("a2v", "--query-audio"), ("v2a", "--query-video")):
+        checkpoint = _checkpoint(tmp_path, "dam", "cml", cfg, direction=direction, spec=spec)
+        result = run_cli("localize", media_dir / "chaplin.mp4", "--checkpoint", checkpoint, "--cache", cache,
+                         *weights_args, option, media_dir / "fire2.mp4", "--query-span", "0-2", "--format", "json",
+                         "--out", tmp_path / f"{direction}.json")
+        assert result.returncode == 0, result.stderr
+        record = json.loads((tmp_path / f"{direction}.json").read_text())[0]
+        assert record["query"] == {"file": str(media_dir / "fire2.mp4"), "start": 0, "end": 2, "direction": direction}
+        labels = [s["label"] for s in record["seconds"]]
+        assert len(labels) == 9 and labels.count(MATCH) == 2
+        assert [span["label"] for span in record["spans"]].count(MATCH) == 1
+    wrong = run_cli("localize", media_dir / "chaplin.mp4", "--checkpoint", checkpoint, "--cache", cache, *weights_args,
+                    "--query-audio", media_dir / "fire2.mp4", "--query-span", "0-2")
+    assert wrong.returncode == 2 and "--query-video" in wrong.stderr
+
+
+def test_python_api(trained, media_dir, weights_args):
+    checkpoint, cache, _ = trained
+    options = dict(zip([a.lstrip("-").replace("-", "_") for a in weights_args[::2]], weights_args[1::2]))
+    results = avepipe.localize(media_dir / "fire2.mp4", checkpoint, cache=str(cache), **options)
+    assert len(results) == 1 and results[0].error is None
+    assert [s.start for s in results[0].seconds] == [0, 1]
+    assert results[0].spans == merge_spans(results[0].seconds)
