@@ -294,13 +294,14 @@ def models_command() -> None:
     """List the registered localization models with their tasks and parameter counts."""
     from avepipe.models import build_model, get_spec, model_names, parameter_count
 
-    table = Table(title="models")
-    for column in ("name", "tasks", "parameters", "paper"):
+    table = Table(title="models (parameters at the default config, per task)")
+    for column in ("name", "task", "parameters", "paper"):
         table.add_column(column, justify="right" if column == "parameters" else "left")
     for name in model_names():
         spec = get_spec(name)
-        count = parameter_count(build_model(name, spec.tasks[0]))
-        table.add_row(name, ", ".join(spec.tasks), f"{count:,}", spec.paper)
+        for i, task in enumerate(spec.tasks):
+            count = parameter_count(build_model(name, task))
+            table.add_row(name if i == 0 else "", task, f"{count:,}", spec.paper if i == 0 else "")
     console.print(table)
 
 

@@ -13,7 +13,6 @@ import shutil
 import struct
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import ffmpeg

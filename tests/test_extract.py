@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 
 from avepipe import media
 from avepipe.backbones.vgg19 import load_vgg19
-from avepipe.backbones.vggish import load_vggish, make_vggish_state_dict, waveform_to_examples
+from avepipe.backbones.vggish import load_vggish, waveform_to_examples
 from avepipe.cache import FeatureCache
 from tests.helpers import make_clip, run_cli
 

@@ -24,7 +24,7 @@ def _inputs(spec, seconds: int = T):
 
 
 def test_package_exports_and_registers():
-    assert {"avel", "avsdn"} <= set(model_names())
+    assert set(model_names()) == {"avel", "avsdn", "dam", "m2n", "dmin", "dcmr", "diia"}
     assert models.build_model is build_model and models.parameter_count is parameter_count
     assert models.get_spec is get_spec and models.model_names is model_names
     assert model_names() == sorted(model_names())
@@ -89,3 +89,19 @@ def test_contract_forward_loss_predict(name, task):
         assert ((pred >= 0) & (pred < 29)).all()
     loss = model.loss(out, batch, task)
     assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_models_command_lists_every_model_task_and_count():
+    from tests.helpers import run_cli
+
+    result = run_cli("models")
+    assert result.returncode == 0, result.stderr
+    rows = [[c.strip() for c in line.strip().strip("│").split("│")] for line in result.stdout.splitlines()
+            if line.strip().startswith("│")]
+    listed, name = [], None
+    for row in rows:
+        name = row[0] or name
+        if row[1] in TASKS:
+            listed.append((name, row[1], int(row[2].replace(",", ""))))
+    expected = [(n, t, parameter_count(build_model(n, t))) for n in model_names() for t in get_spec(n).tasks]
+    assert listed == expected

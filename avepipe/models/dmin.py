@@ -1,0 +1,251 @@
+"""DMIN and DCMR: Liu, Quan, Wang, Liu, Liu, Yan, "Dense Modality Interaction Network for Audio-Visual Event
+Localization", IEEE TMM 2022.
+
+* ``dmin`` (supervised, weak): AGTA (Eq. 1-8) turns each 7x7 map into one audio-guided visual vector; linear
+  projections to d_m and one transformer encoder per modality (Eq. 9-10) give ``a_self``, ``v_self``; DIMA (Eq. 11-13)
+  gives ``a_cross = DIMA(a, v_self)`` and ``v_cross = DIMA(v, a_self)``; the fusion module (Eq. 14) gives ``F_o``.
+  Event relevance per second from ``F_o``; event category from the max over time of ``F_o`` and, for the unimodal
+  discrimination loss (UDL), of ``v_self`` (Eq. 15-18).
+* ``dcmr`` (cml): no AGTA (spatially averaged visual vectors) and no fusion module; the channel mean of the query
+  modality's cross features over the query seconds slides over the candidate modality's cross features (Eq. 19).
+
+Blocks are in :mod:`avepipe.models.dmin_blocks`; the equation -> code map and every choice are in the DMIN section of
+the models docs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avepipe.models.dmin_blocks import AttentionBlock, AudioGuidedTripletAttention, Encoder, sliding_query_weights
+from avepipe.models.layers import lengths_from_mask, masked_max, masked_mean, mil_pool, zero_padded
+from avepipe.models.registry import register
+
+NUM_CLASSES = 29
+BACKGROUND = 28
+PAD_SCORE = -1e4  # CML score of padded seconds (as dam.PAD_SCORE): finite, never inside a winning window
+# log P is shifted this far below 0 so that logit(P) and -log(1 - P) stay finite at P = 1 (a shift, not a clamp: the
+# gradient of a saturated wrong prediction must not vanish).
+_LOG_P_SHIFT = 1e-6
+
+PAPER = ("Liu, Quan, Wang, Liu, Liu, Yan. Dense Modality Interaction Network for Audio-Visual Event Localization. "
+         "IEEE TMM 2022")
+# Training recipe of Sec. VI-B: Adam, batch 32, lr 5e-5 halved every 10 epochs and fixed after 30. The epoch count and
+# gradient clipping are the released training scripts' (200 epochs, clip 0.1).
+TRAIN = {"optimizer": "adam", "lr": 5e-5, "batch_size": 32, "epochs": 200, "lr_milestones": [10, 20, 30],
+         "lr_gamma": 0.5, "grad_clip": 0.1}
+TRANSFORMER = {
+    "model_dim": 256,  # d_m (released code)
+    "heads": 4,  # n = 4 (Eq. 9, 11)
+    "ff_dim": 2048,  # W_4 / W_5 width (released code: PyTorch's default)
+    "encoder_layers": 2,  # released code
+    "dropout": 0.1,  # encoder and fusion (released code)
+    "dima_dropout": 0.02,  # DIMA layer (released code)
+    "alpha": 0.5,  # FCPP diagonal weight (Sec. IV-C)
+}
+
+
+class _Interaction(nn.Module):
+    """What DMIN and DCMR share: projections to d_m, one encoder per modality and one DIMA per modality."""
+
+    def __init__(self, visual_dim, audio_dim, model_dim, heads, ff_dim, encoder_layers, dropout, dima_dropout, alpha):
+        super().__init__()
+        self.audio_proj = nn.Linear(audio_dim, model_dim)  # T_a
+        self.visual_proj = nn.Linear(visual_dim, model_dim)  # T_v
+        self.audio_encoder = Encoder(model_dim, heads, ff_dim, dropout, encoder_layers)
+        self.visual_encoder = Encoder(model_dim, heads, ff_dim, dropout, encoder_layers)
+        self.audio_dima = AttentionBlock(model_dim, heads, ff_dim, dima_dropout, dense_alpha=alpha)
+        self.visual_dima = AttentionBlock(model_dim, heads, ff_dim, dima_dropout, dense_alpha=alpha)
+
+    def forward(self, visual, audio, visual_keys, audio_keys):
+        """visual [B, T, Dv], audio [B, T, Da]; ``*_keys`` [B, T] mark the seconds of each modality that may be
+        attended to. Returns (a_self, v_self, a_cross, v_cross), each [B, T, d_m]."""
+        t_a, t_v = self.audio_proj(audio), self.visual_proj(visual)
+        a_self, v_self = self.audio_encoder(t_a, audio_keys), self.visual_encoder(t_v, visual_keys)
+        a_cross = self.audio_dima(t_a, t_a, audio_keys, v_self, visual_keys)  # DIMA(a, v_self)
+        v_cross = self.visual_dima(t_v, t_v, visual_keys, a_self, audio_keys)  # DIMA(v, a_self)
+        return a_self, v_self, a_cross, v_cross
+
+
+def _per_video_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean(values, mask).mean()
+
+
+def _category_loss(logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
+    """Eq. 16: CE of the 28 event classes over videos that have an event (background-only videos have no category)."""
+    has_event = video_label != BACKGROUND
+    ce = F.cross_entropy(logits, video_label.clamp(max=NUM_CLASSES - 2), reduction="none")
+    return (ce * has_event).sum() / has_event.sum().clamp(min=1)
+
+
+def segment_scores(relevance: torch.Tensor, category_logits: torch.Tensor) -> torch.Tensor:
+    """[B, T, 29] scores whose argmax is the paper's rule (s_t >= 0.5: the video's category, else background).
+
+    The top category scores log s_t, the other categories less, background log(1 - s_t)."""
+    shifted = category_logits - category_logits.max(-1, keepdim=True).values
+    event = F.logsigmoid(relevance)[..., None] + shifted[:, None, :]
+    return torch.cat([event, F.logsigmoid(-relevance)[..., None]], -1)
+
+
+def mil_video_logits(relevance: torch.Tensor, category_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Weak setting: MIL max pooling of per-second class probabilities into video logits [B, 29].
+
+    Per second ``p_{t,c} = s_t softmax(category)_c`` for the 28 events and ``p_{t,bg} = 1 - s_t``; the video
+    probability of each class is its best second, ``P_c = max_t p_{t,c}``; returned as ``logit(P_c)``."""
+    log_p = torch.cat([F.logsigmoid(relevance)[..., None] + category_logits.log_softmax(-1)[:, None, :],
+                       F.logsigmoid(-relevance)[..., None]], -1)
+    log_video = mil_pool(log_p, mask, "max") - _LOG_P_SHIFT
+    return log_video - torch.log(-torch.expm1(log_video))
+
+
+def mil_loss(video_logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
+    """Multi-label soft margin loss of the MIL-pooled video logits against the video label, per video then averaged.
+
+    Event videos: target 1 for their category, 0 for the other 27; their background class is left out, since an event
+    video usually has background seconds too and the label does not say. Background-only videos: 1 for background, 0
+    for the 28 events."""
+    target = F.one_hot(video_label, NUM_CLASSES).to(video_logits.dtype)
+    weight = torch.ones_like(target)
+    weight[:, BACKGROUND] = (video_label == BACKGROUND).to(video_logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(video_logits, target, reduction="none")
+    return ((bce * weight).sum(1) / weight.sum(1)).mean()
+
+
+@register(
+    "dmin",
+    tasks=("supervised", "weak"),
+    paper=PAPER,
+    default_config={
+        "model": {
+            "visual_dim": 512,
+            "audio_dim": 128,
+            "channel_bottleneck": 256,  # d in Eq. 1
+            "agta_dim": 256,  # d_o (released code)
+            "mfb_factor": 5,  # k in Eq. 3 (released code: 1280 = 5 x 256)
+            "mfb_dropout": 0.1,  # released code
+            "agta_lstm_layers": 2,  # released code
+            **TRANSFORMER,
+            "fusion_heads": 4,  # Eq. 14 attention (released supervised code)
+            "lambda_supervised": 0.1,  # UDL weight, Table VI best (fully supervised)
+            "lambda_weak": 0.08,  # UDL weight, Table VI best (weakly supervised)
+        },
+        "train": dict(TRAIN),
+    },
+)
+class DMIN(nn.Module):
+    def __init__(self, task: str, *, visual_dim=512, audio_dim=128, channel_bottleneck=256, agta_dim=256, mfb_factor=5,
+                 mfb_dropout=0.1, agta_lstm_layers=2, model_dim=256, heads=4, ff_dim=2048, encoder_layers=2,
+                 dropout=0.1, dima_dropout=0.02, alpha=0.5, fusion_heads=4, lambda_supervised=0.1, lambda_weak=0.08):
+        super().__init__()
+        if task not in ("supervised", "weak"):
+            raise ValueError(f"DMIN supports the supervised and weak tasks, not {task!r} (dcmr is its CML variant)")
+        self.task = task
+        self.udl_lambda = lambda_supervised if task == "supervised" else lambda_weak
+        self.agta = AudioGuidedTripletAttention(
+            visual_dim, audio_dim, bottleneck=channel_bottleneck, out_dim=agta_dim, factor=mfb_factor,
+            mfb_dropout=mfb_dropout, lstm_layers=agta_lstm_layers)
+        self.interaction = _Interaction(visual_dim, audio_dim, model_dim, heads, ff_dim, encoder_layers, dropout,
+                                        dima_dropout, alpha)
+        self.fusion = AttentionBlock(model_dim, fusion_heads, 0, dropout, feed_forward=False)  # Eq. 14, DPA
+        self.relevance = nn.Linear(model_dim, 1)  # FC of Eq. 15 on F_o
+        self.category = nn.Linear(model_dim, NUM_CLASSES - 1)  # FC of Eq. 16 on max-pooled F_o (L_eco)
+        self.visual_category = nn.Linear(model_dim, NUM_CLASSES - 1)  # FC of Eq. 16 on max-pooled v_self (L_ecm)
+        if task == "weak":
+            self.visual_relevance = nn.Linear(model_dim, 1)  # relevance of v_self, for its MIL prediction
+
+    def forward(self, visual: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        lengths_from_mask(mask)
+        visual, audio = zero_padded(visual, mask), zero_padded(audio, mask)
+        attended, spatial_map, channel_map = self.agta(visual, audio, mask)
+        _, v_self, a_cross, v_cross = self.interaction(attended, audio, mask, mask)
+        f_av = a_cross * v_cross
+        f_o = self.fusion(f_av, a_cross, mask, v_cross, mask)  # LayerNorm(F_av + O)
+        relevance = self.relevance(f_o).squeeze(-1)  # [B, T]
+        category = self.category(masked_max(f_o, mask))  # [B, 28]
+        visual_category = self.visual_category(masked_max(v_self, mask))
+        out = {
+            "segment_logits": segment_scores(relevance, category),
+            "relevance_logits": relevance,
+            "category_logits": category,
+            "visual_category_logits": visual_category,
+            "spatial_attention": spatial_map,
+            "channel_attention": channel_map,
+        }
+        if self.task == "weak":
+            visual_relevance = self.visual_relevance(v_self).squeeze(-1)
+            out["video_logits"] = mil_video_logits(relevance, category, mask)
+            out["video_logits_visual"] = mil_video_logits(visual_relevance, visual_category, mask)
+        return out
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        lam, labels = self.udl_lambda, batch["video_label"]
+        if task == "weak":  # Eq. 18
+            return lam * mil_loss(outputs["video_logits_visual"], labels) + (1 - lam) * mil_loss(
+                outputs["video_logits"], labels)
+        if task != "supervised":
+            raise ValueError(f"DMIN has no loss for task {task!r}")
+        event = batch["event"].to(outputs["relevance_logits"].dtype)
+        bce = F.binary_cross_entropy_with_logits(outputs["relevance_logits"], event, reduction="none")
+        relevance = _per_video_mean(bce, batch["mask"])  # Eq. 15
+        # Eq. 17: L_ero + lambda L_ecm (v_self, the UDL) + (1 - lambda) L_eco (F_o)
+        return relevance + lam * _category_loss(outputs["visual_category_logits"], labels) + (1 - lam) * _category_loss(
+            outputs["category_logits"], labels)
+
+    def predict(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        category = outputs["category_logits"].argmax(-1, keepdim=True)  # [B, 1]
+        return torch.where(outputs["relevance_logits"] >= 0, category, torch.full_like(category, BACKGROUND))
+
+
+@register(
+    "dcmr",
+    tasks=("cml",),
+    paper=PAPER,
+    default_config={"model": {"visual_dim": 512, "audio_dim": 128, **TRANSFORMER}, "train": dict(TRAIN)},
+)
+class DCMR(nn.Module):
+    def __init__(self, task: str, *, visual_dim=512, audio_dim=128, model_dim=256, heads=4, ff_dim=2048,
+                 encoder_layers=2, dropout=0.1, dima_dropout=0.02, alpha=0.5):
+        super().__init__()
+        if task != "cml":
+            raise ValueError(f"DCMR supports the cml task only, not {task!r} (dmin is its SEL variant)")
+        self.task = task
+        self.interaction = _Interaction(visual_dim, audio_dim, model_dim, heads, ff_dim, encoder_layers, dropout,
+                                        dima_dropout, alpha)
+        # Event-relevance FC (Eq. 15) on the cross-matched candidate features; one per direction, since the candidates
+        # are v_cross in A2V and a_cross in V2A (the released code trains one network per direction).
+        self.match = nn.ModuleDict({"a2v": nn.Linear(model_dim, 1), "v2a": nn.Linear(model_dim, 1)})
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("DCMR is the cross-modality localization network; call forward_cml")
+
+    def forward_cml(self, visual: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor, query_mask: torch.Tensor,
+                    direction: str) -> dict[str, torch.Tensor]:
+        if direction not in self.match:
+            raise ValueError(f"direction must be 'a2v' or 'v2a', not {direction!r}")
+        lengths_from_mask(mask)
+        query = query_mask & mask
+        if bool((query.sum(1) == 0).any()):
+            raise ValueError("every video needs at least one query second")
+        visual = zero_padded(visual, mask)
+        visual = visual.flatten(2, -2).mean(2) if visual.dim() > 3 else visual  # spatial average (Sec. VI-B)
+        audio = zero_padded(audio, mask)
+        # The query modality is blanked outside the query and only its query seconds are keys, so nothing else of it
+        # reaches any output; the candidate modality is visible on all real seconds.
+        if direction == "a2v":
+            audio, audio_keys, visual_keys = zero_padded(audio, query), query, mask
+        else:
+            visual, audio_keys, visual_keys = zero_padded(visual, query), mask, query
+        _, _, a_cross, v_cross = self.interaction(visual, audio, visual_keys, audio_keys)
+        query_cross, candidate = (a_cross, v_cross) if direction == "a2v" else (v_cross, a_cross)
+        weights = sliding_query_weights(query_cross.mean(-1), query, mask)  # channel mean, then Eq. 19
+        scores = self.match[direction](weights.unsqueeze(-1) * candidate).squeeze(-1)
+        return {"match_logits": scores.masked_fill(~mask, PAD_SCORE), "query_weights": weights}
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        if task != "cml":
+            raise ValueError(f"DCMR has no loss for task {task!r}")
+        target = batch["target_mask"].to(outputs["match_logits"].dtype)
+        bce = F.binary_cross_entropy_with_logits(outputs["match_logits"], target, reduction="none")
+        return _per_video_mean(bce, batch["mask"])  # Eq. 15 on the candidate seconds
