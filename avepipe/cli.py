@@ -106,9 +106,9 @@ def localize(
     paths: List[Path] = typer.Argument(None, help="Video files and/or directories (searched recursively)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint from `avepipe train`."),
     list_file: Optional[Path] = typer.Option(None, "--list", help="Text file with one video path per line."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write --format here: a file, or a directory (one file per video)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write --format here: a file, or a directory (DIR/: one file per video)."),
     fmt: str = typer.Option("table", "--format", help="table (terminal), json, csv or jsonl."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Timeline PNG: a file (one video) or a directory (<id>.png each)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Timeline PNG: a file (one video) or a directory (DIR/: <id>.png each)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Keep features here; a second run on the same video skips extraction."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     workers: int = typer.Option(-1, help="Decoder processes (-1: none for one video, else min(8, CPUs))."),
@@ -157,9 +157,10 @@ def localize(
         from avepipe.timeline import save_timeline
 
         ok = [r for r in results if r.error is None]
-        many = len(ok) > 1 or plot.is_dir() or str(plot).endswith(("/", os.sep))
+        # Kept as a string: Path() would drop the trailing "/" that marks a directory.
+        many = len(ok) > 1 or Path(plot).is_dir() or plot.endswith(("/", os.sep))
         for result in ok:
-            target = plot / f"{result.id}.png" if many else plot
+            target = Path(plot) / f"{result.id}.png" if many else Path(plot)
             console.print(f"wrote {save_timeline(result, target)}")
     raise typer.Exit(EXIT_FAILED if any(r.error for r in results) else EXIT_OK)
 

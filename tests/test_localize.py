@@ -195,7 +195,7 @@ def test_localize_real_videos_of_every_length(trained, media_dir, weights_args, 
     videos = [media_dir / name for name in LENGTHS]
     common = ["--checkpoint", checkpoint, "--cache", cache, *weights_args]
     # Extracts 95 s of new video with VGG-19 on the CPU (~4 min on 2 idle cores).
-    first = run_cli("localize", *videos, *common, "--format", "json", "--out", tmp_path / "json/", "--plot",
+    first = run_cli("localize", *videos, *common, "--format", "json", "--out", f"{tmp_path / 'json'}/", "--plot",
                     tmp_path / "plots", timeout=2400)
     assert first.returncode == 0, first.stderr
     # Everything is in the cache now: the other formats do not decode again.
