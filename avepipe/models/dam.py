@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avepipe.models.layers import AudioGuidedVisualAttention, MaskedLSTM, masked_mean, zero_padded
+from avepipe.models.layers import AudioGuidedVisualAttention, MaskedLSTM, masked_mean, per_video_mean, zero_padded
 from avepipe.models.registry import register
 
 NUM_CLASSES = 29
@@ -69,10 +69,6 @@ def _dot(global_feature: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """phi [B, D] . f_t [B, T, D] -> [B, T] (the argument of sigma in Eq. 5-6)."""
     return torch.einsum("bd,btd->bt", global_feature, local)
 
-
-def _per_video_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(1/N) sum_t over each video's real seconds, then the mean over videos."""
-    return masked_mean(values, mask).mean()
 
 
 @register(
@@ -208,7 +204,7 @@ class DAM(nn.Module):
             # Per-direction BCE of sigma(phi_query . f_t^candidate) against the target span.
             target = batch["target_mask"].to(outputs["match_logits"].dtype)
             bce = F.binary_cross_entropy_with_logits(outputs["match_logits"], target, reduction="none")
-            return _per_video_mean(bce, mask)
+            return per_video_mean(bce, mask)
         event = batch["event"].to(outputs["log_relevance"].dtype)
         relevance = -(event * outputs["log_relevance"] + (1 - event) * outputs["log_background"])
         # Category CE only for videos that have an event (background-only videos have no category; relevance covers them).
@@ -216,4 +212,4 @@ class DAM(nn.Module):
         has_event = labels != BACKGROUND
         ce = F.cross_entropy(outputs["category_logits"], labels.clamp(max=NUM_CLASSES - 2), reduction="none")
         category = (ce * has_event).sum() / has_event.sum().clamp(min=1)
-        return self.lambda_category * category + (1 - self.lambda_category) * _per_video_mean(relevance, mask)
+        return self.lambda_category * category + (1 - self.lambda_category) * per_video_mean(relevance, mask)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avepipe.models.dmin_blocks import AttentionBlock, AudioGuidedTripletAttention, Encoder, sliding_query_weights
-from avepipe.models.layers import lengths_from_mask, masked_max, masked_mean, mil_pool, zero_padded
+from avepipe.models.layers import lengths_from_mask, masked_max, mil_pool, per_video_mean, zero_padded
 from avepipe.models.registry import register
 
 NUM_CLASSES = 29
@@ -68,9 +68,6 @@ class _Interaction(nn.Module):
         v_cross = self.visual_dima(t_v, t_v, visual_keys, a_self, audio_keys)  # DIMA(v, a_self)
         return a_self, v_self, a_cross, v_cross
 
-
-def _per_video_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_mean(values, mask).mean()
 
 
 def _category_loss(logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
@@ -188,7 +185,7 @@ class DMIN(nn.Module):
             raise ValueError(f"DMIN has no loss for task {task!r}")
         event = batch["event"].to(outputs["relevance_logits"].dtype)
         bce = F.binary_cross_entropy_with_logits(outputs["relevance_logits"], event, reduction="none")
-        relevance = _per_video_mean(bce, batch["mask"])  # Eq. 15
+        relevance = per_video_mean(bce, batch["mask"])  # Eq. 15
         # Eq. 17: L_ero + lambda L_ecm (v_self, the UDL) + (1 - lambda) L_eco (F_o)
         return relevance + lam * _category_loss(outputs["visual_category_logits"], labels) + (1 - lam) * _category_loss(
             outputs["category_logits"], labels)
@@ -248,4 +245,4 @@ class DCMR(nn.Module):
             raise ValueError(f"DCMR has no loss for task {task!r}")
         target = batch["target_mask"].to(outputs["match_logits"].dtype)
         bce = F.binary_cross_entropy_with_logits(outputs["match_logits"], target, reduction="none")
-        return _per_video_mean(bce, batch["mask"])  # Eq. 15 on the candidate seconds
+        return per_video_mean(bce, batch["mask"])  # Eq. 15 on the candidate seconds

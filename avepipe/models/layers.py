@@ -40,6 +40,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return zero_padded(x, mask).sum(1) / count
 
 
+def per_video_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-second values [B, T] averaged over each video's real seconds ((1/N) sum_t), then over the videos."""
+    return masked_mean(values, mask).mean()
+
+
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Max over the real seconds of ``x`` [B, T, ...] -> [B, ...]."""
     keep = mask.reshape(mask.shape + (1,) * (x.dim() - 2))

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avepipe.models.layers import AudioGuidedVisualAttention, lengths_from_mask, masked_max, masked_mean, zero_padded
+from avepipe.models.layers import (
+    AudioGuidedVisualAttention,
+    lengths_from_mask,
+    masked_max,
+    masked_mean,
+    per_video_mean,
+    zero_padded,
+)
 from avepipe.models.registry import register
 
 NUM_CLASSES = 29
@@ -166,10 +173,6 @@ class MultiAlignmentModulation(nn.Module):
         return self.norm(f_v * f_a, pairs, pair_mask)
 
 
-def _per_video_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(1/N) sum_t over each video's real seconds, then the mean over videos."""
-    return masked_mean(values, mask).mean()
-
 
 @register(
     "m2n",
@@ -303,7 +306,7 @@ class M2N(nn.Module):
             # Eq. 18: (1/N) sum_t BCE(p_t^r, y_t) over each video's real seconds.
             target = batch["target_mask"].to(outputs["match_logits"].dtype)
             bce = F.binary_cross_entropy_with_logits(outputs["match_logits"], target, reduction="none")
-            return _per_video_mean(bce, mask)
+            return per_video_mean(bce, mask)
         logits = outputs["relevance_logits"]
         relevance = F.binary_cross_entropy_with_logits(logits, batch["event"].to(logits.dtype), reduction="none")
         # Eq. 17: L^c + (1/N) sum_t L_t^r. L^c only for videos with an event (background-only videos have no category).
@@ -311,4 +314,4 @@ class M2N(nn.Module):
         has_event = labels != BACKGROUND
         ce = F.cross_entropy(outputs["category_logits"], labels.clamp(max=NUM_CLASSES - 2), reduction="none")
         category = (ce * has_event).sum() / has_event.sum().clamp(min=1)
-        return category + _per_video_mean(relevance, mask)
+        return category + per_video_mean(relevance, mask)
