@@ -101,6 +101,14 @@ def shard_of(vid: str, n: int) -> int:
     return int.from_bytes(hashlib.sha1(vid.encode()).digest()[:8], "big") % n
 
 
+def select_shard(ids: dict[str, Path], shard: tuple[int, int] | None) -> dict[str, Path]:
+    """The ids of shard ``(k, n)`` (all of them when ``shard`` is None)."""
+    if shard is None:
+        return ids
+    k, n = shard
+    return {vid: p for vid, p in ids.items() if shard_of(vid, n) == k}
+
+
 def assign_ids(paths: list[Path]) -> dict[str, Path]:
     ids: dict[str, Path] = {}
     for path in paths:
@@ -354,10 +362,7 @@ Progress = Callable[[str, dict[str, Any]], None]  # (event, fields): "start", "v
 
 def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: ExtractReport) -> dict[str, Path]:
     """Which of ``paths`` need work: applies the shard, skips finished videos and (unless retrying) recorded failures."""
-    ids = assign_ids(paths)
-    if config.shard is not None:
-        k, n = config.shard
-        ids = {vid: p for vid, p in ids.items() if shard_of(vid, n) == k}
+    ids = select_shard(assign_ids(paths), config.shard)
     report.total = len(ids)
     done = cache.all_attrs()
     failures = cache.failures()

@@ -27,7 +27,9 @@ from avepipe import media
 from avepipe.backbones import vggish as vggish_mod
 from avepipe.cache import FeatureCache
 from avepipe.devices import resolve_device
-from avepipe.extract import ExtractConfig, ExtractReport, UsageError, assign_ids, discover, run_extract, shard_of
+from avepipe.extract import (
+    ExtractConfig, ExtractReport, UsageError, assign_ids, discover, run_extract, select_shard,
+)
 from avepipe.metrics import max_contiguous_window
 from avepipe.train import TrainError, load_checkpoint
 
@@ -265,10 +267,7 @@ def localize_videos(paths: Iterable[str | os.PathLike], config: LocalizeConfig, 
         raise UsageError(str(exc)) from None
     localizer = Localizer(config.checkpoint, device)
     _check_query_options(localizer, config)
-    ids = assign_ids(videos)
-    if config.shard is not None:
-        k, n = config.shard
-        ids = {vid: p for vid, p in ids.items() if shard_of(vid, n) == k}
+    ids = select_shard(assign_ids(videos), config.shard)
     spec = localizer.feature_spec
     extract_config = ExtractConfig(
         device=str(device), workers=config.workers if config.workers >= 0 else (0 if len(ids) <= 1 else -1),

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avepipe.models.layers import AudioGuidedVisualAttention, MaskedLSTM, masked_mean, per_video_mean, zero_padded
+from avepipe.models.layers import (
+    AudioGuidedVisualAttention,
+    MaskedLSTM,
+    event_category_loss,
+    masked_mean,
+    per_video_mean,
+    span_match_loss,
+    zero_padded,
+)
 from avepipe.models.registry import register
 
 NUM_CLASSES = 29
@@ -202,14 +210,9 @@ class DAM(nn.Module):
         mask = batch["mask"]
         if task == "cml":
             # Per-direction BCE of sigma(phi_query . f_t^candidate) against the target span.
-            target = batch["target_mask"].to(outputs["match_logits"].dtype)
-            bce = F.binary_cross_entropy_with_logits(outputs["match_logits"], target, reduction="none")
-            return per_video_mean(bce, mask)
+            return span_match_loss(outputs["match_logits"], batch["target_mask"], mask)
         event = batch["event"].to(outputs["log_relevance"].dtype)
         relevance = -(event * outputs["log_relevance"] + (1 - event) * outputs["log_background"])
         # Category CE only for videos that have an event (background-only videos have no category; relevance covers them).
-        labels = batch["video_label"]
-        has_event = labels != BACKGROUND
-        ce = F.cross_entropy(outputs["category_logits"], labels.clamp(max=NUM_CLASSES - 2), reduction="none")
-        category = (ce * has_event).sum() / has_event.sum().clamp(min=1)
+        category = event_category_loss(outputs["category_logits"], batch["video_label"])
         return self.lambda_category * category + (1 - self.lambda_category) * per_video_mean(relevance, mask)

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from avepipe.models.dmin_blocks import AttentionBlock, AudioGuidedTripletAttention, Encoder, sliding_query_weights
-from avepipe.models.layers import lengths_from_mask, masked_max, mil_pool, per_video_mean, zero_padded
+from avepipe.models.layers import (
+    event_category_loss,
+    lengths_from_mask,
+    masked_max,
+    mil_pool,
+    per_video_mean,
+    span_match_loss,
+    zero_padded,
+)
 from avepipe.models.registry import register
 
 NUM_CLASSES = 29
@@ -68,13 +76,6 @@ class _Interaction(nn.Module):
         v_cross = self.visual_dima(t_v, t_v, visual_keys, a_self, audio_keys)  # DIMA(v, a_self)
         return a_self, v_self, a_cross, v_cross
 
-
-
-def _category_loss(logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
-    """Eq. 16: CE of the 28 event classes over videos that have an event (background-only videos have no category)."""
-    has_event = video_label != BACKGROUND
-    ce = F.cross_entropy(logits, video_label.clamp(max=NUM_CLASSES - 2), reduction="none")
-    return (ce * has_event).sum() / has_event.sum().clamp(min=1)
 
 
 def segment_scores(relevance: torch.Tensor, category_logits: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,7 @@ class DMIN(nn.Module):
         bce = F.binary_cross_entropy_with_logits(outputs["relevance_logits"], event, reduction="none")
         relevance = per_video_mean(bce, batch["mask"])  # Eq. 15
         # Eq. 17: L_ero + lambda L_ecm (v_self, the UDL) + (1 - lambda) L_eco (F_o)
-        return relevance + lam * _category_loss(outputs["visual_category_logits"], labels) + (1 - lam) * _category_loss(
+        return relevance + lam * event_category_loss(outputs["visual_category_logits"], labels) + (1 - lam) * event_category_loss(
             outputs["category_logits"], labels)
 
     def predict(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -243,6 +244,4 @@ class DCMR(nn.Module):
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         if task != "cml":
             raise ValueError(f"DCMR has no loss for task {task!r}")
-        target = batch["target_mask"].to(outputs["match_logits"].dtype)
-        bce = F.binary_cross_entropy_with_logits(outputs["match_logits"], target, reduction="none")
-        return per_video_mean(bce, batch["mask"])  # Eq. 15 on the candidate seconds
+        return span_match_loss(outputs["match_logits"], batch["target_mask"], batch["mask"])  # Eq. 15 on candidates

@@ -45,6 +45,20 @@ def per_video_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean(values, mask).mean()
 
 
+def event_category_loss(category_logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of video-level logits over the 28 event classes [B, 28], averaged over the videos that have an
+    event (``video_label`` != 28): background-only videos have no category."""
+    has_event = video_label != category_logits.shape[-1]
+    ce = F.cross_entropy(category_logits, video_label.clamp(max=category_logits.shape[-1] - 1), reduction="none")
+    return (ce * has_event).sum() / has_event.sum().clamp(min=1)
+
+
+def span_match_loss(match_logits: torch.Tensor, target_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CML loss: per-second BCE of the match logits [B, T] against the target span, ``per_video_mean`` over real seconds."""
+    bce = F.binary_cross_entropy_with_logits(match_logits, target_mask.to(match_logits.dtype), reduction="none")
+    return per_video_mean(bce, mask)
+
+
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Max over the real seconds of ``x`` [B, T, ...] -> [B, ...]."""
     keep = mask.reshape(mask.shape + (1,) * (x.dim() - 2))

@@ -19,10 +19,12 @@ from torch import nn
 
 from avepipe.models.layers import (
     AudioGuidedVisualAttention,
+    event_category_loss,
     lengths_from_mask,
     masked_max,
     masked_mean,
     per_video_mean,
+    span_match_loss,
     zero_padded,
 )
 from avepipe.models.registry import register
@@ -304,14 +306,9 @@ class M2N(nn.Module):
         mask = batch["mask"]
         if task == "cml":
             # Eq. 18: (1/N) sum_t BCE(p_t^r, y_t) over each video's real seconds.
-            target = batch["target_mask"].to(outputs["match_logits"].dtype)
-            bce = F.binary_cross_entropy_with_logits(outputs["match_logits"], target, reduction="none")
-            return per_video_mean(bce, mask)
+            return span_match_loss(outputs["match_logits"], batch["target_mask"], mask)
         logits = outputs["relevance_logits"]
         relevance = F.binary_cross_entropy_with_logits(logits, batch["event"].to(logits.dtype), reduction="none")
         # Eq. 17: L^c + (1/N) sum_t L_t^r. L^c only for videos with an event (background-only videos have no category).
-        labels = batch["video_label"]
-        has_event = labels != BACKGROUND
-        ce = F.cross_entropy(outputs["category_logits"], labels.clamp(max=NUM_CLASSES - 2), reduction="none")
-        category = (ce * has_event).sum() / has_event.sum().clamp(min=1)
+        category = event_category_loss(outputs["category_logits"], batch["video_label"])
         return category + per_video_mean(relevance, mask)
