@@ -1,6 +1,8 @@
 """avepipe: audio-visual event localization from raw video."""
 
-__version__ = "0.1.0"
+from avepipe.version import __version__
+
+__all__ = ["__version__", "localize"]
 
 
 def localize(paths, checkpoint, **options):
@@ -13,5 +15,5 @@ def localize(paths, checkpoint, **options):
 
     if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__"):
         paths = [paths]
-    results, _ = localize_videos(paths, LocalizeConfig(checkpoint=str(checkpoint), **options))
+    results, _ = localize_videos(paths, LocalizeConfig(checkpoint=checkpoint, **options))
     return results

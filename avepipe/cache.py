@@ -28,22 +28,12 @@ from typing import Any, Iterable, Iterator
 import h5py
 import numpy as np
 
+from avepipe.errors import CacheError, CacheLockedError, SpecMismatchError
+
 FORMAT = "avepipe-cache"
 FORMAT_VERSION = 1
 STAGED_SUFFIX = ".h5"
 FAILED_SUFFIX = ".failed.json"
-
-
-class CacheError(Exception):
-    """A cache problem the user must resolve; ``str()`` is a one-line message."""
-
-
-class CacheLockedError(CacheError):
-    pass
-
-
-class SpecMismatchError(CacheError):
-    pass
 
 
 @dataclass
@@ -94,6 +84,8 @@ def _check_id(video_id: str) -> None:
 class FeatureCache:
     """Read (``mode="r"``) or write (``mode="a"``) access to one cache file and its staged entries."""
 
+    FORMAT = FORMAT  # the root ``format`` attribute; a subclass storing other arrays (avepipe.decoded) names its own
+
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' or 'a'")
@@ -124,7 +116,8 @@ class FeatureCache:
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise CacheLockedError(
-                f"{self.path}: another avepipe process (pid {holder}) is writing this cache; wait for it or use another --cache"
+                f"{self.path}: another avepipe process (pid {holder}) is writing this cache; "
+                "wait for it or use another --cache"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -154,8 +147,10 @@ class FeatureCache:
             return
         try:
             with h5py.File(self.path, "r") as f:
-                if f.attrs.get("format") not in (FORMAT, FORMAT.encode()):
-                    raise CacheError(f"{self.path}: not an avepipe cache (no format attribute)")
+                found = _attr(f.attrs.get("format"))
+                if found != self.FORMAT:
+                    what = f"a {found} file" if found else "no format attribute"
+                    raise CacheError(f"{self.path}: not an {self.FORMAT} file ({what})")
         except OSError as exc:
             raise CacheError(f"{self.path}: cannot open as HDF5 ({exc})") from None
 
@@ -284,16 +279,32 @@ class FeatureCache:
         if failed.exists():
             failed.unlink()
 
+    def stage_paths(self, video_id: str) -> tuple[Path, Path]:
+        """(temporary, final) staging paths of one entry, for writers that fill an entry in several steps: write the
+        temporary file (a group with the entry's datasets at its root), then :meth:`commit_staged`."""
+        self._require_writer()
+        _check_id(video_id)
+        return self.staging / f".{video_id}.tmp{os.getpid()}", self.staging / f"{video_id}{STAGED_SUFFIX}"
+
+    def commit_staged(self, video_id: str, tmp: Path, final: Path) -> None:
+        _replace_atomically(tmp, final)
+        failed = self.staging / f"{video_id}{FAILED_SUFFIX}"
+        if failed.exists():
+            failed.unlink()
+
     def put_failure(self, video_id: str, source_path: str, error: str) -> None:
         self._require_writer()
         _check_id(video_id)
-        record = {"source_path": source_path, "error": error, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        failed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record = {"source_path": source_path, "error": error, "failed_at": failed_at}
         tmp = self.staging / f".{video_id}.failed.tmp{os.getpid()}"
         tmp.write_text(json.dumps(record))
         _replace_atomically(tmp, self.staging / f"{video_id}{FAILED_SUFFIX}")
 
     def staged_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.staging.glob("*") if not p.name.startswith(".")) if self.staging.is_dir() else 0
+        if not self.staging.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.staging.glob("*") if not p.name.startswith("."))
 
     def maybe_compact(self, min_bytes: int = 256 << 20) -> bool:
         """Compact when the staged entries outweigh the main file (amortised: every byte is rewritten O(1) times)."""
@@ -330,7 +341,7 @@ class FeatureCache:
         old = h5py.File(self.path, "r") if self.path.exists() else None
         try:
             with h5py.File(tmp, "w") as out:
-                out.attrs["format"] = FORMAT
+                out.attrs["format"] = self.FORMAT
                 out.attrs["format_version"] = FORMAT_VERSION
                 if spec is not None:
                     out.attrs["feature_spec"] = json.dumps(spec, sort_keys=True)
@@ -400,7 +411,8 @@ def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, overwrite: bo
                 same = np.array_equal(first.visual, second.visual) and np.array_equal(first.audio, second.audio)
                 if not same:
                     raise CacheError(
-                        f"video id {video_id!r} is in both {owner[video_id].path} and {reader.path} with different features"
+                        f"video id {video_id!r} is in both {owner[video_id].path} and {reader.path} "
+                        "with different features"
                     )
                 continue
             owner[video_id] = reader

@@ -1,22 +1,76 @@
 """The ``avepipe`` command line. Thin: parse options, call the stage functions, render with rich.
 
-Exit codes: 0 success; 1 some videos failed (listed, and stored under /failed in the cache); 2 usage error (bad
-option, unreadable list, locked cache, mixed feature specs, missing weights); 3 internal error (a bug: one line,
+Commands raise; they never print errors or pick exit codes themselves. :func:`exit_code` (the only place that does)
+turns what a command raises into a one-line message on stderr and the exit code of :mod:`avepipe.errors`: 0 success;
+1 some videos failed (listed, and stored under /failed in the cache); 2 usage error (bad option, unreadable list,
+locked cache, mixed feature specs, missing weights, unusable data or checkpoint); 3 internal error (a bug: one line,
 ``AVEPIPE_DEBUG=1`` shows the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Any, Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from avepipe.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, AvepipeError, UsageError
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+# --- errors -> exit codes: the one place -----------------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a command that can say what it kept (see :func:`on_interrupt`)."""
+
+
+@contextmanager
+def on_interrupt(hint: str) -> Iterator[None]:
+    """Ctrl-C inside the block is reported as ``interrupted: <hint>``."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(hint) from None
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code for what a command raised, after printing its one line on stderr."""
+    if isinstance(exc, AvepipeError):
+        errors.print(f"[bold red]error:[/] [red]{escape(str(exc))}[/]", soft_wrap=True)
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        errors.print(f"[yellow]interrupted[/]{': ' + escape(str(exc)) if str(exc) else ''}", soft_wrap=True)
+        return EXIT_INTERRUPTED
+    # A bug, not bad input: one line, the traceback only on request.
+    errors.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set AVEPIPE_DEBUG=1 for the "
+                 "traceback and please report it)", soft_wrap=True)
+    return EXIT_INTERNAL
+
+
+class _Commands(TyperGroup):
+    """Runs the chosen command and hands whatever it raises to :func:`exit_code`."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # exit codes, --help and option errors: typer's own
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if os.environ.get("AVEPIPE_DEBUG") and not isinstance(exc, (AvepipeError, KeyboardInterrupt)):
+                raise
+            raise typer.Exit(exit_code(exc)) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audio-visual event localization: raw video -> features -> models -> per-second labels.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and merge feature caches.")
 app.add_typer(cache_app, name="cache")
@@ -25,15 +79,28 @@ app.add_typer(dataset_app, name="dataset")
 weights_app = typer.Typer(no_args_is_help=True, help="Pretrained backbone weights: list, download, import, verify.")
 app.add_typer(weights_app, name="weights")
 
-console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# --- options shared by several commands ------------------------------------------------------------------------------
+# Paths are Path. The weights options are str: a file or the word "random"; localize's --out / --plot are str too,
+# since Path() drops the trailing "/" that marks a directory.
 
-
-def fail_usage(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    raise typer.Exit(EXIT_USAGE)
+Videos = Annotated[Optional[List[Path]], typer.Argument(help="Video files and/or directories (searched recursively).")]
+ListFile = Annotated[Optional[Path], typer.Option("--list", help="Text file with one video path per line.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Vgg19Weights = Annotated[Optional[str], typer.Option(help="Keras VGG-19 no-top .h5 (default: weights dir).")]
+VggishWeights = Annotated[Optional[str], typer.Option(
+    help="torchvggish state dict .pth, or 'random' (NOT real features).")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")]
+Shard = Annotated[Optional[str], typer.Option(
+    help="K/N: only the videos whose id hashes to shard K of N (K from 0).")]
+RetryFailed = Annotated[bool, typer.Option("--retry-failed", help="Retry videos recorded as failed in the cache.")]
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="checkpoint.pt written by `avepipe train`.")]
+Features = Annotated[Path, typer.Option("--features", help="Feature cache (.h5).")]
+Annotations = Annotated[Path, typer.Option("--annotations", help="Annotations.txt.")]
+Categories = Annotated[Optional[Path], typer.Option(help="categories.txt (default: beside the annotations).")]
+Splits = Annotated[Optional[Path], typer.Option(
+    help="Folder with the split/order files (default: beside the annotations).")]
+WeightNames = Annotated[Optional[List[str]], typer.Argument(help="Manifest names (default: all).")]
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -42,252 +109,252 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
-        fail_usage(f"--shard {text!r}: expected K/N, e.g. 0/4 (K counts from 0)")
+        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 0/4 (K counts from 0)") from None
     if n < 1 or not 0 <= k < n:
-        fail_usage(f"--shard {text!r}: need 0 <= K < N")
+        raise UsageError(f"--shard {text!r}: need 0 <= K < N")
     return k, n
+
+
+# --- extract / localize ----------------------------------------------------------------------------------------------
 
 
 @app.command()
 def extract(
-    paths: List[Path] = typer.Argument(None, help="Video files and/or directories (searched recursively)."),
-    cache: Path = typer.Option(..., "--cache", help="HDF5 feature cache to create or complete."),
-    list_file: Optional[Path] = typer.Option(None, "--list", help="Text file with one video path per line."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (the default)."),
-    batch_size: int = typer.Option(0, help="Frames per VGG-19 forward (0: 128 on GPU, 32 on CPU)."),
-    workers: int = typer.Option(-1, help="Decoder processes (-1: min(8, CPUs); 0: decode in this process). With --devices: per device (-1: CPUs / devices, at most 8)."),
-    vgg19_weights: Optional[Path] = typer.Option(None, help="Keras VGG-19 no-top .h5 (default: weights dir)."),
-    vggish_weights: Optional[str] = typer.Option(None, help="torchvggish state dict .pth, or 'random' (NOT real features)."),
-    pca: bool = typer.Option(False, "--pca", help="Apply VGGish PCA + 8-bit quantisation (off in the AVE spec)."),
-    pca_params: Optional[Path] = typer.Option(None, help="vggish_pca_params.npz (default: weights dir)."),
-    sampling: str = typer.Option("ave", help="ave: AVE-compatible (all frames, OpenCV-like resize); fps: ffmpeg fps=16 + scale (faster, approximate)."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
-    shard: Optional[str] = typer.Option(None, help="K/N: only the videos whose id hashes to shard K of N (K from 0)."),
-    devices: Optional[str] = typer.Option(None, help="e.g. cuda:0,cuda:1: one process per device on shard K of N, merged into --cache (instead of --device/--shard)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos recorded as failed."),
+    paths: Videos = None,
+    cache: Annotated[Path, typer.Option("--cache", help="HDF5 feature cache to create or complete.")] = ...,
+    list_file: ListFile = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (the default).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Frames per VGG-19 forward (0: 128 on GPU, 32 on CPU).")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoder processes (-1: one per CPU; 0: decode in this process). "
+                                              "With --devices: per device (-1: CPUs / devices).")] = -1,
+    vgg19_weights: Vgg19Weights = None,
+    vggish_weights: VggishWeights = None,
+    pca: Annotated[bool, typer.Option("--pca", help="Apply VGGish PCA + 8-bit quantisation (off in the AVE spec).")
+                   ] = False,
+    pca_params: Annotated[Optional[Path], typer.Option(help="vggish_pca_params.npz (default: weights dir).")] = None,
+    sampling: Annotated[str, typer.Option(help="ave: AVE-compatible (all frames, OpenCV-like resize); fps: ffmpeg "
+                                               "fps=16 + scale (faster, approximate).")] = "ave",
+    precision: Precision = "auto",
+    shard: Shard = None,
+    devices: Annotated[Optional[str], typer.Option(
+        help="e.g. cuda:0,cuda:1: one process per device on shard K of N, merged into --cache (instead of --device/"
+             "--shard).")] = None,
+    retry_failed: RetryFailed = False,
+    from_decoded: Annotated[Optional[Path], typer.Option(
+        help="Read frames + log-mel from a store written by `avepipe decode` instead of decoding the videos.")] = None,
 ) -> None:
     """Extract AVE-compatible VGG-19 pool5 + VGGish features into a resumable HDF5 cache."""
-    if devices is not None and (device is not None or shard is not None):
-        fail_usage("--devices runs shard K of N on the K-th device itself: give it without --device and --shard")
-    from avepipe.cache import CacheError
-    from avepipe.extract import ExtractConfig, UsageError, discover, run_extract
-    from avepipe.render import ExtractProgress, render_extract_report
+    from avepipe.extract import run_extract
+    from avepipe.inputs import discover
+    from avepipe.render import ExtractProgress, render_device_results, render_extract_report
+    from avepipe.settings import ExtractConfig
 
+    if devices is not None and (device is not None or shard is not None):
+        raise UsageError("--devices runs shard K of N on the K-th device itself: give it without --device and --shard")
     config = ExtractConfig(
-        device=device or "auto", batch_size=batch_size, workers=workers,
-        vgg19_weights=str(vgg19_weights) if vgg19_weights else None, vggish_weights=vggish_weights,
-        pca=pca, pca_params=str(pca_params) if pca_params else None, sampling=sampling, precision=precision,
+        device=device or "auto", batch_size=batch_size, workers=workers, vgg19_weights=vgg19_weights,
+        vggish_weights=vggish_weights, pca=pca, pca_params=pca_params, sampling=sampling, precision=precision,
         shard=parse_shard(shard), retry_failed=retry_failed,
+        from_decoded=str(from_decoded) if from_decoded else None,
     )
-    try:
-        videos = discover(paths or [], str(list_file) if list_file else None)
+    videos = discover(paths or [], list_file)
+    with on_interrupt("finished videos are kept; run the same command again to continue"):
         with ExtractProgress(console, errors) as progress:
             if devices is None:
                 report = run_extract(videos, cache, config, progress.update)
             else:
-                from avepipe.scale import parse_devices, run_multi_device
+                from avepipe.multi_device import parse_devices, run_multi_device
 
                 report = run_multi_device(videos, cache, parse_devices(devices), config, progress.update)
-    except (UsageError, CacheError) as exc:
-        fail_usage(str(exc))
-    except KeyboardInterrupt:
-        errors.print("[yellow]interrupted[/]: finished videos are kept; run the same command again to continue")
-        raise typer.Exit(EXIT_INTERRUPTED)
     render_extract_report(console, errors, report, cache)
     if devices is not None:
-        from avepipe.render import render_device_results
-
         render_device_results(console, errors, report.devices)
     raise typer.Exit(report.exit_code)
 
 
 @app.command()
+def decode(
+    paths: Videos = None,
+    out: Annotated[Path, typer.Option("--out", help="HDF5 store of decoded frames to create or complete.")] = ...,
+    list_file: ListFile = None,
+    workers: Annotated[int, typer.Option(help="Decoder processes (-1: one per CPU; 0: decode in this process).")
+                       ] = -1,
+    sampling: Annotated[str, typer.Option(help="ave (AVE-compatible) or fps (see `extract`).")] = "ave",
+    shard: Shard = None,
+    retry_failed: RetryFailed = False,
+) -> None:
+    """Decode videos into the selected 224x224 frames + VGGish log-mel (no backbones): decode on CPU nodes, then
+    `avepipe extract --from-decoded` on GPU nodes. Resumable like extract."""
+    from avepipe.decoded import run_decode
+    from avepipe.inputs import discover
+    from avepipe.render import ExtractProgress, render_extract_report
+    from avepipe.settings import ExtractConfig
+
+    config = ExtractConfig(workers=workers, sampling=sampling, shard=parse_shard(shard), retry_failed=retry_failed)
+    videos = discover(paths or [], list_file)
+    with on_interrupt("finished videos are kept; run the same command again to continue"):
+        with ExtractProgress(console, errors, label="decode") as progress:
+            report = run_decode(videos, out, config, progress.update)
+    render_extract_report(console, errors, report, out, what="decode")
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
 def localize(
-    paths: List[Path] = typer.Argument(None, help="Video files and/or directories (searched recursively)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint from `avepipe train`."),
-    list_file: Optional[Path] = typer.Option(None, "--list", help="Text file with one video path per line."),
-    out: Optional[str] = typer.Option(None, "--out", help="Write --format here: a file, or a directory (DIR/: one file per video)."),
-    fmt: str = typer.Option("table", "--format", help="table (terminal), json, csv or jsonl."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Timeline PNG: a file (one video) or a directory (DIR/: <id>.png each)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Keep features here; a second run on the same video skips extraction."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    workers: int = typer.Option(-1, help="Decoder processes (-1: none for one video, else min(8, CPUs))."),
-    vgg19_weights: Optional[Path] = typer.Option(None, help="Keras VGG-19 no-top .h5 (default: weights dir)."),
-    vggish_weights: Optional[str] = typer.Option(None, help="torchvggish state dict .pth, or 'random' (NOT real features)."),
-    pca_params: Optional[Path] = typer.Option(None, help="vggish_pca_params.npz, for checkpoints trained on PCA audio."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
-    shard: Optional[str] = typer.Option(None, help="K/N: only the videos whose id hashes to shard K of N (K from 0)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos recorded as failed in --cache."),
-    query_audio: Optional[Path] = typer.Option(None, help="CML A2V checkpoint: file whose audio is the query."),
-    query_video: Optional[Path] = typer.Option(None, help="CML V2A checkpoint: video whose frames are the query."),
-    query_span: Optional[str] = typer.Option(None, help="START-END seconds of the query file, e.g. 3-6."),
+    paths: Videos = None,
+    checkpoint: Checkpoint = ...,
+    list_file: ListFile = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", help="Write --format here: a file, or a directory (DIR/: one file per video).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table (terminal), json, csv or jsonl.")] = "table",
+    plot: Annotated[Optional[str], typer.Option(
+        help="Timeline PNG: a file (one video) or a directory (DIR/: <id>.png each).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(
+        "--cache", help="Keep features here; a second run on the same video skips extraction.")] = None,
+    device: Device = "auto",
+    workers: Annotated[int, typer.Option(help="Decoder processes (-1: none for one video, else min(8, CPUs)).")] = -1,
+    vgg19_weights: Vgg19Weights = None,
+    vggish_weights: VggishWeights = None,
+    pca_params: Annotated[Optional[Path], typer.Option(
+        help="vggish_pca_params.npz, for checkpoints trained on PCA audio.")] = None,
+    precision: Precision = "auto",
+    shard: Shard = None,
+    retry_failed: RetryFailed = False,
+    query_audio: Annotated[Optional[Path], typer.Option(help="CML A2V checkpoint: file whose audio is the query.")
+                           ] = None,
+    query_video: Annotated[Optional[Path], typer.Option(help="CML V2A checkpoint: video whose frames are the query.")
+                           ] = None,
+    query_span: Annotated[Optional[str], typer.Option(help="START-END seconds of the query file, e.g. 3-6.")] = None,
 ) -> None:
     """Per-second event labels for any video (>= 1 s) with a trained checkpoint; spans, files and a timeline picture."""
-    from avepipe.cache import CacheError
-    from avepipe.extract import UsageError
-    from avepipe.localization import FORMATS, LocalizeConfig, LocalizeError, localize_videos, parse_span, write_results
+    from avepipe.localization import LocalizeConfig, localize_videos, parse_span
+    from avepipe.outputs import get_writer, write_results
     from avepipe.render import LocalizeProgress, render_localize
 
-    if fmt not in FORMATS:
-        fail_usage(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if fmt != "table" and out is None:
-        fail_usage(f"--format {fmt} needs --out FILE or --out DIR/")
-    try:
-        config = LocalizeConfig(
-            checkpoint=str(checkpoint), cache=str(cache) if cache else None, device=device, workers=workers,
-            vgg19_weights=str(vgg19_weights) if vgg19_weights else None, vggish_weights=vggish_weights,
-            pca_params=str(pca_params) if pca_params else None, precision=precision, shard=parse_shard(shard),
-            retry_failed=retry_failed, query_audio=str(query_audio) if query_audio else None,
-            query_video=str(query_video) if query_video else None,
-            query_span=parse_span(query_span) if query_span else None,
-        )
-        with LocalizeProgress(errors, errors) as progress:  # progress on stderr: stdout carries the labels
-            results, _ = localize_videos(paths or [], config, list_file=str(list_file) if list_file else None,
-                                         progress=progress.update)
-    except (UsageError, CacheError, LocalizeError) as exc:
-        fail_usage(str(exc))
-    except KeyboardInterrupt:
-        errors.print("[yellow]interrupted[/]")
-        raise typer.Exit(EXIT_INTERRUPTED)
+    if fmt != "table":
+        get_writer(fmt)  # an unknown format fails here, before any work
+        if out is None:
+            raise UsageError(f"--format {fmt} needs --out FILE or --out DIR/")
+    config = LocalizeConfig(
+        checkpoint=checkpoint, cache=cache, device=device, workers=workers, vgg19_weights=vgg19_weights,
+        vggish_weights=vggish_weights, pca_params=pca_params, precision=precision, shard=parse_shard(shard),
+        retry_failed=retry_failed, query_audio=query_audio, query_video=query_video,
+        query_span=parse_span(query_span) if query_span else None,
+    )
+    with LocalizeProgress(errors, errors) as progress:  # progress on stderr: stdout carries the labels
+        results, _ = localize_videos(paths or [], config, list_file=list_file, progress=progress.update)
     render_localize(console, errors, results, show_seconds=fmt == "table")
     if out is not None and fmt != "table":
         for path in write_results(results, fmt, out):
             console.print(f"wrote {path}")
     if plot is not None:
-        from avepipe.timeline import save_timeline
+        from avepipe.timeline import save_timelines
 
-        ok = [r for r in results if r.error is None]
-        # Kept as a string: Path() would drop the trailing "/" that marks a directory.
-        many = len(ok) > 1 or Path(plot).is_dir() or plot.endswith(("/", os.sep))
-        for result in ok:
-            target = Path(plot) / f"{result.id}.png" if many else Path(plot)
-            console.print(f"wrote {save_timeline(result, target)}")
-    raise typer.Exit(EXIT_FAILED if any(r.error for r in results) else EXIT_OK)
+        for path in save_timelines(results, plot):
+            console.print(f"wrote {path}")
+    raise typer.Exit(EXIT_SOME_FAILED if any(r.error for r in results) else EXIT_OK)
+
+
+# --- avepipe cache: ls / merge ----------------------------------------------------------------------------------------
 
 
 @cache_app.command("ls")
 def cache_ls(
-    cache: Path = typer.Argument(..., help="Cache file."),
-    failed: bool = typer.Option(False, "--failed", help="List only the failures."),
+    cache: Annotated[Path, typer.Argument(help="Cache file.")],
+    failed: Annotated[bool, typer.Option("--failed", help="List only the failures.")] = False,
 ) -> None:
     """List the videos in a cache (and its recorded failures)."""
-    from avepipe.cache import CacheError, FeatureCache
+    from avepipe.cache import FeatureCache
     from avepipe.render import render_cache
 
-    try:
-        reader = FeatureCache(cache, "r")
-        render_cache(console, reader, failed_only=failed)
-    except CacheError as exc:
-        fail_usage(str(exc))
+    render_cache(console, FeatureCache(cache, "r"), failed_only=failed)
 
 
 @cache_app.command("merge")
 def cache_merge(
-    inputs: List[Path] = typer.Argument(..., help="Caches to join (same feature spec)."),
-    out: Path = typer.Option(..., "--out", help="Output cache."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    inputs: Annotated[List[Path], typer.Argument(help="Caches to join (same feature spec).")],
+    out: Annotated[Path, typer.Option("--out", help="Output cache.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Join shard caches into one; refuses caches built with different feature specs."""
-    from avepipe.cache import CacheError, merge
+    from avepipe.cache import merge
 
-    try:
-        count = merge([str(p) for p in inputs], out, overwrite=overwrite)
-    except CacheError as exc:
-        fail_usage(str(exc))
+    count = merge(inputs, out, overwrite=overwrite)
     console.print(f"merged {len(inputs)} caches into {out}: {count} videos")
 
 
 # --- avepipe weights: list / download / import / verify (avepipe/backbones/weights.py, download.py) -------------------
 
 
-def _weights_selection(names: Optional[List[str]]) -> list[str]:
-    from avepipe.backbones.weights import WeightsError, select_names
-
-    try:
-        return select_names(names)
-    except WeightsError as exc:
-        fail_usage(str(exc))
-
-
 @weights_app.command("list")
 def weights_list() -> None:
     """The manifest's weight files: present or not, official or not, size and download URL."""
-    from avepipe.backbones.weights import WeightsError, weights_dir, weights_status
+    from avepipe.backbones.weights import select_names, weights_dir, weights_status
     from avepipe.render import render_weights_list
 
-    try:
-        statuses = [weights_status(name) for name in _weights_selection(None)]
-    except WeightsError as exc:
-        fail_usage(str(exc))
-    render_weights_list(console, statuses, weights_dir())
+    render_weights_list(console, [weights_status(name) for name in select_names(None)], weights_dir())
 
 
 @weights_app.command("download")
 def weights_download(
-    names: List[str] = typer.Argument(None, help="Manifest names (default: all)."),
-    mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL: fetch <URL>/<file> instead of the manifest URL (env AVEPIPE_WEIGHTS_MIRROR)."),
-    force: bool = typer.Option(False, "--force", help="Replace a present file that does not match the manifest."),
-    retries: int = typer.Option(3, help="Retries after a dropped connection (each resumes the download)."),
+    names: WeightNames = None,
+    mirror: Annotated[Optional[str], typer.Option(
+        "--mirror", help="Base URL: fetch <URL>/<file> instead of the manifest URL (env AVEPIPE_WEIGHTS_MIRROR).")
+    ] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a present file that does not match the manifest.")] = False,
+    retries: Annotated[int, typer.Option(help="Retries after a dropped connection (each resumes the download).")] = 3,
 ) -> None:
     """Download weights into the weights dir: checksum-verified, atomic, resumable (re-run to continue)."""
     from avepipe.backbones.download import download
-    from avepipe.backbones.weights import WeightsError, weights_dir
+    from avepipe.backbones.weights import select_names, weights_dir
     from avepipe.render import DownloadProgress, render_weights_outcomes
 
-    selected = _weights_selection(names)
+    selected = select_names(names)
     if retries < 0:
-        fail_usage("--retries must be 0 or more")
-    try:
+        raise UsageError("--retries must be 0 or more")
+    with on_interrupt("the partial download is kept as <file>.part; run the same command again to resume"):
         with DownloadProgress(console, errors) as progress:
             outcomes = download(selected, weights_dir(), mirror=mirror, progress=progress.update, force=force,
                                 retries=retries)
-    except WeightsError as exc:
-        fail_usage(str(exc))
-    except KeyboardInterrupt:
-        errors.print("[yellow]interrupted[/]: the partial download is kept as <file>.part; run the same command again to resume")
-        raise typer.Exit(EXIT_INTERRUPTED)
     render_weights_outcomes(console, errors, outcomes)
-    raise typer.Exit(EXIT_FAILED if any(item.status == "failed" for item in outcomes) else EXIT_OK)
+    raise typer.Exit(EXIT_SOME_FAILED if any(item.status == "failed" for item in outcomes) else EXIT_OK)
 
 
 @weights_app.command("import")
 def weights_import(
-    file: Path = typer.Argument(..., help="A weights file you already have."),
-    as_name: Optional[str] = typer.Option(None, "--as", help="Manifest name it stands for (default: found by checksum)."),
-    force: bool = typer.Option(False, "--force", help="Import it even if it is not the official file (recorded as unofficial)."),
+    file: Annotated[Path, typer.Argument(help="A weights file you already have.")],
+    as_name: Annotated[Optional[str], typer.Option(
+        "--as", help="Manifest name it stands for (default: found by checksum).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Import it even if it is not the official file (recorded as unofficial).")] = False,
 ) -> None:
     """Copy a weights file into the weights dir under its manifest name, after checking it is the official file."""
     from avepipe.backbones.download import import_file
-    from avepipe.backbones.weights import WeightsError
     from avepipe.render import render_weights_outcomes
 
-    try:
-        outcome = import_file(file, as_name, force=force)
-    except WeightsError as exc:
-        fail_usage(str(exc))
+    outcome = import_file(file, as_name, force=force)
     render_weights_outcomes(console, errors, [outcome])
-    raise typer.Exit(EXIT_FAILED if outcome.status == "failed" else EXIT_OK)
+    raise typer.Exit(EXIT_SOME_FAILED if outcome.status == "failed" else EXIT_OK)
 
 
 @weights_app.command("verify")
-def weights_verify(names: List[str] = typer.Argument(None, help="Manifest names (default: all).")) -> None:
+def weights_verify(names: WeightNames = None) -> None:
     """Checksum the weight files: official, unofficial (recorded import), MISMATCH or missing (exit 1 if named)."""
-    from rich.markup import escape
-
-    from avepipe.backbones.weights import WeightsError, expected_checksum, weights_dir, weights_status
+    from avepipe.backbones.weights import expected_checksum, select_names, weights_dir, weights_status
     from avepipe.render import render_weights_verify
 
-    try:
-        statuses = [weights_status(name) for name in _weights_selection(names)]
-    except WeightsError as exc:
-        fail_usage(str(exc))
+    statuses = [weights_status(name) for name in select_names(names)]
     render_weights_verify(console, statuses, weights_dir())
     bad = [s for s in statuses if s.state == "mismatch" or (s.state == "missing" and names)]
     for status in bad:
         problem = ("missing (avepipe weights download)" if status.state == "missing" else
                    f"checksum mismatch: expected {expected_checksum(status.entry)}, got {status.actual}")
         errors.print(f"[bold red]error:[/] {escape(str(status.path))}: {problem}", soft_wrap=True)
-    raise typer.Exit(EXIT_FAILED if bad else EXIT_OK)
+    raise typer.Exit(EXIT_SOME_FAILED if bad else EXIT_OK)
+
+
+# --- models / train / evaluate ---------------------------------------------------------------------------------------
 
 
 @app.command("models")
@@ -308,121 +375,110 @@ def models_command() -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(..., "--model", help="Registered model name (see `avepipe models`)."),
-    task: str = typer.Option("supervised", "--task", help="supervised, weak or cml."),
-    direction: Optional[str] = typer.Option(None, help="cml only: a2v or v2a."),
-    features: Path = typer.Option(..., "--features", help="Feature cache (.h5)."),
-    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt."),
-    categories: Optional[Path] = typer.Option(None, help="categories.txt (default: beside the annotations)."),
-    splits: Optional[Path] = typer.Option(None, help="Folder with the split/order files (default: beside the annotations)."),
-    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint.pt, last.pt, config.json, metrics.json."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML with [model] / [train] overrides."),
-    seed: int = typer.Option(0, help="Random seed (first seed with --seeds)."),
-    seeds: int = typer.Option(1, help="Train this many seeds and report mean ± std."),
-    epochs: Optional[int] = typer.Option(None, help="Override the number of epochs."),
-    batch_size: Optional[int] = typer.Option(None, help="Override the batch size."),
-    lr: Optional[float] = typer.Option(None, help="Override the learning rate."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from RUN/last.pt."),
-    noisy_audio: Optional[Path] = typer.Option(None, help="weak only: audio_feature_noisy.h5 (extra background videos)."),
-    noisy_visual: Optional[Path] = typer.Option(None, help="weak only: visual_feature_noisy.h5."),
-    noisy_labels: Optional[Path] = typer.Option(None, help="weak only: labels_noisy.h5."),
+    model: Annotated[str, typer.Option("--model", help="Registered model name (see `avepipe models`).")],
+    task: Annotated[str, typer.Option("--task", help="supervised, weak or cml.")] = "supervised",
+    direction: Annotated[Optional[str], typer.Option(help="cml only: a2v or v2a.")] = None,
+    features: Features = ...,
+    annotations: Annotations = ...,
+    categories: Categories = None,
+    splits: Splits = None,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Run folder: checkpoint.pt, last.pt, config.json, metrics.json.")] = ...,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="TOML with \\[model] / \\[train] overrides.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (first seed with --seeds).")] = 0,
+    seeds: Annotated[int, typer.Option(help="Train this many seeds and report mean ± std.")] = 1,
+    epochs: Annotated[Optional[int], typer.Option(help="Override the number of epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Override the batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Override the learning rate.")] = None,
+    device: Device = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from RUN/last.pt.")] = False,
+    noisy_audio: Annotated[Optional[Path], typer.Option(
+        help="weak only: audio_feature_noisy.h5 (extra background videos).")] = None,
+    noisy_visual: Annotated[Optional[Path], typer.Option(help="weak only: visual_feature_noisy.h5.")] = None,
+    noisy_labels: Annotated[Optional[Path], typer.Option(help="weak only: labels_noisy.h5.")] = None,
 ) -> None:
     """Train a model; the checkpoint is chosen on val, test is evaluated once with it."""
     from avepipe.render import TrainProgress, render_train_summary
-    from avepipe.train import DataPaths, TrainError, TrainOptions, train_seeds
+    from avepipe.train import DataPaths, TrainOptions, train_seeds
+    from avepipe.train import train as train_one
 
-    options = TrainOptions(model=model, task=task, out_dir=str(out), direction=direction, seed=seed, device=device,
-                           config_file=str(config) if config else None, epochs=epochs, batch_size=batch_size, lr=lr,
-                           resume=resume)
-    noisy = [noisy_audio, noisy_visual, noisy_labels]
+    noisy = (noisy_audio, noisy_visual, noisy_labels)
     if any(noisy) and not all(noisy):
-        fail_usage("--noisy-audio, --noisy-visual and --noisy-labels go together")
-    paths = DataPaths(str(features), str(annotations), str(categories) if categories else None,
-                      str(splits) if splits else None, tuple(str(p) for p in noisy) if all(noisy) else None)
+        raise UsageError("--noisy-audio, --noisy-visual and --noisy-labels go together")
     if seeds < 1:
-        fail_usage("--seeds must be at least 1")
+        raise UsageError("--seeds must be at least 1")
     if resume and seeds > 1:
-        fail_usage("--resume works on one run at a time (use --seed N --out RUN/seed-N)")
-    try:
-        with TrainProgress(console) as progress:
-            if seeds == 1:
-                from avepipe.train import train as train_one
-
-                result = train_one(options, paths, progress.epoch)
-            else:
-                result = train_seeds(options, paths, seeds, progress.epoch, progress.seed)
-    except TrainError as exc:
-        fail_usage(str(exc))
+        raise UsageError("--resume works on one run at a time (use --seed N --out RUN/seed-N)")
+    options = TrainOptions(model=model, task=task, out_dir=out, direction=direction, seed=seed, device=device,
+                           config_file=config, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume)
+    paths = DataPaths(features, annotations, categories, splits, noisy if all(noisy) else None)
+    with TrainProgress(console) as progress:
+        if seeds == 1:
+            result = train_one(options, paths, progress.epoch)
+        else:
+            result = train_seeds(options, paths, seeds, progress.epoch, progress.seed)
     render_train_summary(console, result, out)
 
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint.pt written by `avepipe train`."),
-    features: Path = typer.Option(..., "--features", help="Feature cache (.h5)."),
-    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt."),
-    categories: Optional[Path] = typer.Option(None, help="categories.txt (default: beside the annotations)."),
-    splits: Optional[Path] = typer.Option(None, help="Folder with the split/order files (default: beside the annotations)."),
-    split: str = typer.Option("test", help="train, val or test."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    checkpoint: Checkpoint,
+    features: Features,
+    annotations: Annotations,
+    categories: Categories = None,
+    splits: Splits = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result as JSON here.")] = None,
+    device: Device = "auto",
 ) -> None:
     """Evaluate a checkpoint: segment accuracy (supervised, weak) or exact-match accuracy (cml)."""
     import json
 
-    from avepipe.train import DataPaths, TrainError, evaluate as evaluate_checkpoint
+    from avepipe.train import DataPaths
+    from avepipe.train import evaluate as evaluate_checkpoint
 
-    if split not in ("train", "val", "test"):
-        fail_usage(f"--split {split}: choose train, val or test")
-    paths = DataPaths(str(features), str(annotations), str(categories) if categories else None,
-                      str(splits) if splits else None)
-    try:
-        result = evaluate_checkpoint(str(checkpoint), paths, split, device)
-    except TrainError as exc:
-        fail_usage(str(exc))
+    result = evaluate_checkpoint(checkpoint, DataPaths(features, annotations, categories, splits), split, device)
     if result.get("warning"):
-        errors.print(f"[bold yellow]WARNING:[/] {result['warning']}", soft_wrap=True)
-    metric = result["metric"]
-    console.print(f"{result['model']} {result['task']}{' ' + result['direction'] if result['direction'] else ''} "
-                  f"{split}: {metric} = {result[metric]:.4f} over {result['rows']} rows")
+        errors.print(f"[bold yellow]WARNING:[/] {escape(result['warning'])}", soft_wrap=True)
+    metric, direction = result["metric"], f" {result['direction']}" if result["direction"] else ""
+    console.print(f"{result['model']} {result['task']}{direction} {split}: {metric} = {result[metric]:.4f} "
+                  f"over {result['rows']} rows")
     if out:
         out.write_text(json.dumps(result, indent=2))
 
 
+# --- avepipe dataset: labels / import-ave -----------------------------------------------------------------------------
+
+
 @dataset_app.command("labels")
 def dataset_labels(
-    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt."),
-    categories: Optional[Path] = typer.Option(None, help="categories.txt (default: beside the annotations)."),
-    out: Path = typer.Option(..., "--out", help="labels.h5 to write."),
+    annotations: Annotations,
+    categories: Categories = None,
+    out: Annotated[Path, typer.Option("--out", help="labels.h5 to write.")] = ...,
 ) -> None:
-    """Write labels [N,10,29], event [N,10] and video_label [N,29] in annotation row order (the released label files)."""
-    from avepipe.data import ave
+    """Write labels [N,10,29], event [N,10] and video_label [N,29] in annotation row order (as the released label
+    files)."""
+    from avepipe.data.ave import write_label_file
 
-    try:
-        names = ave.read_categories(categories or annotations.parent / "categories.txt")
-        rows = ave.read_annotations(annotations, names)
-        ave.write_labels_h5(rows, names, out)
-    except (OSError, ValueError) as exc:
-        fail_usage(str(exc))
-    console.print(f"wrote {out}: {len(rows)} rows, {len(names)} categories + background")
+    rows, names = write_label_file(annotations, categories or annotations.parent / "categories.txt", out)
+    console.print(f"wrote {out}: {rows} rows, {names} categories + background")
 
 
 @dataset_app.command("import-ave")
 def dataset_import_ave(
-    audio: Path = typer.Option(..., "--audio", help="Released audio_feature.h5 (key avadataset, [N,10,128])."),
-    visual: Path = typer.Option(..., "--visual", help="Released visual_feature.h5 (key avadataset, [N,10,7,7,512])."),
-    annotations: Path = typer.Option(..., "--annotations", help="Annotations.txt (row order of the released files)."),
-    out: Path = typer.Option(..., "--out", help="Cache to write."),
+    audio: Annotated[Path, typer.Option(
+        "--audio", help="Released audio_feature.h5 (key avadataset, [N,10,128]).")],
+    visual: Annotated[Path, typer.Option(
+        "--visual", help="Released visual_feature.h5 (key avadataset, [N,10,7,7,512]).")],
+    annotations: Annotated[Path, typer.Option(
+        "--annotations", help="Annotations.txt (row order of the released files).")],
+    out: Annotated[Path, typer.Option("--out", help="Cache to write.")],
 ) -> None:
     """Convert the officially released AVE feature files into the cache format."""
-    from avepipe.cache import CacheError
-    from avepipe.data.released import ImportError_, import_released
+    from avepipe.data.released import import_released
 
-    try:
-        stats = import_released(audio, visual, annotations, out)
-    except (OSError, ValueError, CacheError, ImportError_) as exc:
-        fail_usage(str(exc))
+    stats = import_released(audio, visual, annotations, out)
     console.print(f"imported {stats['videos']} videos from {stats['rows']} rows into {out} "
                   f"({stats['shared_rows']} rows share a video's features)")
     if stats["shared_rows_differing"]:
@@ -431,16 +487,7 @@ def dataset_import_ave(
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # a bug, not bad input: one line, the traceback only on request
-        if os.environ.get("AVEPIPE_DEBUG"):
-            raise
-        errors.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set AVEPIPE_DEBUG=1 for the traceback "
-                     "and please report it)", soft_wrap=True)
-        sys.exit(EXIT_INTERNAL)
+    app()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ sides; ties go to the earlier window), so every label is exactly the model's ``p
 
 CML checkpoints (``--query-audio`` for A2V, ``--query-video`` for V2A) score every second of each video against the
 query span and report the best window of the query's length (the max-contiguous-sum decoding of the papers).
+
+Bad options and queries raise :class:`~avepipe.errors.UsageError`, a bad checkpoint
+:class:`~avepipe.errors.CheckpointError`; a bad video is a record with ``error`` set. The files are written by
+:mod:`avepipe.outputs`.
 """
 
 from __future__ import annotations
@@ -25,22 +29,19 @@ import torch
 
 from avepipe import media
 from avepipe.backbones import vggish as vggish_mod
+from avepipe.backbones.extractor import Backbones
 from avepipe.cache import FeatureCache
+from avepipe.checkpoint import class_name, known_classes, load_checkpoint
+from avepipe.data.ave import BACKGROUND
 from avepipe.devices import resolve_device
-from avepipe.extract import (
-    ExtractConfig, ExtractReport, UsageError, assign_ids, discover, run_extract, select_shard,
-)
+from avepipe.errors import UsageError
+from avepipe.extract import ExtractReport, run_extract
+from avepipe.inputs import assign_ids, discover, select_shard
 from avepipe.metrics import max_contiguous_window
-from avepipe.train import TrainError, load_checkpoint
+from avepipe.settings import SAMPLING_MODES, ExtractConfig
 
 WINDOW = 10  # seconds per model input: the AVE clip length every model was trained on
-BACKGROUND = 28
 MATCH, NO_MATCH = "match", "-"
-FORMATS = ("table", "json", "csv", "jsonl")
-
-
-class LocalizeError(Exception):
-    """Bad options, checkpoint or query (exit code 2)."""
 
 
 # -- records -----------------------------------------------------------------------------------------------------------
@@ -118,18 +119,18 @@ def _stack_windows(x: np.ndarray, starts: Sequence[int], length: int) -> torch.T
 
 @dataclass
 class LocalizeConfig:
-    checkpoint: str
-    cache: str | None = None  # keep features here (re-runs skip extraction); default: a temporary cache
+    checkpoint: str | os.PathLike
+    cache: str | os.PathLike | None = None  # keep features here (re-runs skip extraction); default: a temporary cache
     device: str = "auto"
     workers: int = -1  # decode processes; -1: none for one video (no process start-up), else min(8, CPUs)
-    vgg19_weights: str | None = None
-    vggish_weights: str | None = None
-    pca_params: str | None = None
+    vgg19_weights: str | None = None  # a file, or "random"
+    vggish_weights: str | None = None  # a file, or "random"
+    pca_params: str | os.PathLike | None = None
     precision: str = "auto"
     shard: tuple[int, int] | None = None
     retry_failed: bool = False
-    query_audio: str | None = None  # CML A2V: the audio query's file
-    query_video: str | None = None  # CML V2A: the visual query's file
+    query_audio: str | os.PathLike | None = None  # CML A2V: the audio query's file
+    query_video: str | os.PathLike | None = None  # CML V2A: the visual query's file
     query_span: tuple[int, int] | None = None  # [start, end) seconds of the query file
 
 
@@ -141,9 +142,9 @@ def parse_span(text: str) -> tuple[int, int]:
     try:
         start, end = (int(x) for x in text.split("-"))
     except ValueError:
-        raise LocalizeError(f"--query-span {text!r}: expected START-END in whole seconds, e.g. 3-6") from None
+        raise UsageError(f"--query-span {text!r}: expected START-END in whole seconds, e.g. 3-6") from None
     if not 0 <= start < end:
-        raise LocalizeError(f"--query-span {text!r}: need 0 <= START < END")
+        raise UsageError(f"--query-span {text!r}: need 0 <= START < END")
     return start, end
 
 
@@ -151,23 +152,15 @@ class Localizer:
     """A loaded checkpoint on a device, turning cached features of one video into per-second records."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: torch.device):
-        try:
-            self.model, self.ckpt = load_checkpoint(checkpoint, map_location=device)
-        except TrainError as exc:
-            raise LocalizeError(str(exc)) from None
+        self.model, self.ckpt = load_checkpoint(checkpoint, map_location=device)
         self.device = device
         self.task = self.ckpt["task"]
         self.direction = self.ckpt.get("direction")
-        self.class_names = list(self.ckpt.get("class_names") or [])
         self.feature_spec = json.loads(self.ckpt.get("feature_spec") or "{}")
-        # Classes the checkpoint knows by name (a model trained on a subset of categories has untrained outputs).
-        n_named = max(0, len(self.class_names) - 1)
-        self.known = torch.tensor(sorted(set(range(min(n_named, BACKGROUND))) | {BACKGROUND}), device=device)
+        self.known = torch.tensor(known_classes(self.ckpt), device=device)
 
     def name(self, index: int) -> str:
-        if index == BACKGROUND:
-            return "background"
-        return self.class_names[index] if index < len(self.class_names) - 1 else f"class{index}"
+        return class_name(self.ckpt, index)
 
     @torch.inference_mode()
     def label(self, visual: np.ndarray, audio: np.ndarray) -> list[SecondLabel]:
@@ -219,11 +212,11 @@ class Localizer:
         seconds = min(len(visual), len(audio))
         span = len(query)
         if span > seconds:
-            raise LocalizeError(f"the query lasts {span} s but the video only {seconds} s")
+            raise UsageError(f"the query lasts {span} s but the video only {seconds} s")
         starts = window_starts(seconds)
         length = min(WINDOW, seconds)
         if span > length:
-            raise LocalizeError(f"the query lasts {span} s; a model input is {length} s")
+            raise UsageError(f"the query lasts {span} s; a model input is {length} s")
         # The query goes in the first `span` seconds of the query modality; models use it position-free
         # (pooled), and nothing outside query_mask of that modality is read (the registry contract).
         candidates = _stack_windows(visual if self.direction == "a2v" else audio, starts, length)
@@ -254,17 +247,15 @@ def spec_differences(trained: dict[str, Any], used: dict[str, Any]) -> list[str]
     return [k for k in keys if k in trained and k in used and trained[k] != used[k]]
 
 
-def localize_videos(paths: Iterable[str | os.PathLike], config: LocalizeConfig, *, list_file: str | None = None,
+def localize_videos(paths: Iterable[str | os.PathLike], config: LocalizeConfig, *,
+                    list_file: str | os.PathLike | None = None,
                     progress: Progress | None = None) -> tuple[list[VideoLabels], ExtractReport]:
     """Label every second of each video. Bad videos get a record with ``error`` set; the others finish."""
     emit = progress or (lambda event, fields: None)
     videos = discover(paths, list_file)
     if not videos:
         raise UsageError("no input videos (give files, directories or --list)")
-    try:
-        device = resolve_device(config.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    device = resolve_device(config.device)
     localizer = Localizer(config.checkpoint, device)
     _check_query_options(localizer, config)
     ids = select_shard(assign_ids(videos), config.shard)
@@ -273,7 +264,7 @@ def localize_videos(paths: Iterable[str | os.PathLike], config: LocalizeConfig, 
         device=str(device), workers=config.workers if config.workers >= 0 else (0 if len(ids) <= 1 else -1),
         vgg19_weights=config.vgg19_weights, vggish_weights=config.vggish_weights,
         pca=spec.get("audio") == "vggish/pca-uint8", pca_params=config.pca_params,
-        sampling=spec.get("sampling", "ave") if spec.get("sampling") in media.SAMPLING_MODES else "ave",
+        sampling=spec.get("sampling", "ave") if spec.get("sampling") in SAMPLING_MODES else "ave",
         precision=config.precision, retry_failed=config.retry_failed,
     )
     if not ids:
@@ -318,7 +309,7 @@ def _label_one(vid: str, path: Path, cache: FeatureCache, report: ExtractReport,
                             "direction": localizer.direction}
         else:
             result.seconds = localizer.label(entry.visual, entry.audio)
-    except LocalizeError as exc:
+    except UsageError as exc:  # a query longer than this video: this video's problem, not the run's
         result.error = f"{path}: {exc}"
         return result
     result.spans = merge_spans(result.seconds)
@@ -328,16 +319,16 @@ def _label_one(vid: str, path: Path, cache: FeatureCache, report: ExtractReport,
 def _check_query_options(localizer: Localizer, config: LocalizeConfig) -> None:
     if localizer.task != "cml":
         if config.query_audio or config.query_video:
-            raise LocalizeError(f"{config.checkpoint} is a {localizer.task} checkpoint; --query-* needs a CML one")
+            raise UsageError(f"{config.checkpoint} is a {localizer.task} checkpoint; --query-* needs a CML one")
         return
     wanted = "--query-audio" if localizer.direction == "a2v" else "--query-video"
     given = config.query_audio if localizer.direction == "a2v" else config.query_video
     other = config.query_video if localizer.direction == "a2v" else config.query_audio
     if not given or other:
-        raise LocalizeError(f"{config.checkpoint} is a CML {localizer.direction} checkpoint: give {wanted} FILE "
-                            f"and --query-span START-END")
+        raise UsageError(f"{config.checkpoint} is a CML {localizer.direction} checkpoint: give {wanted} FILE "
+                         f"and --query-span START-END")
     if config.query_span is None:
-        raise LocalizeError("--query-span START-END is needed with a query (seconds of the query file)")
+        raise UsageError("--query-span START-END is needed with a query (seconds of the query file)")
 
 
 def _query_features(config: LocalizeConfig, localizer: Localizer, cache: FeatureCache,
@@ -348,82 +339,19 @@ def _query_features(config: LocalizeConfig, localizer: Localizer, cache: Feature
         qid = next(iter(assign_ids([qpath])))
         if qid not in cache:
             failure = cache.failures().get(qid, {}).get("error", f"{qpath}: no features")
-            raise LocalizeError(f"query {failure}")
+            raise UsageError(f"query {failure}")
         visual = cache.get(qid).visual
         if end > len(visual):
-            raise LocalizeError(f"--query-span {start}-{end}: {qpath} has {len(visual)} s")
+            raise UsageError(f"--query-span {start}-{end}: {qpath} has {len(visual)} s")
         return np.asarray(visual[start:end], dtype=np.float32)
     # A2V: VGGish of the query file's audio (any media file with sound, audio-only included).
-    from avepipe.extract import Backbones
-
     try:
         info = media.probe(config.query_audio, require_video=False)
         wave, rate = media.decode_audio(info)
-    except media.MediaError as exc:
-        raise LocalizeError(f"query {exc}") from None
+    except media.MediaError as exc:  # a bad input video fails alone (exit 1); a bad query fails the run (exit 2)
+        raise UsageError(f"query {exc}") from None
     if end > info.seconds:
-        raise LocalizeError(f"--query-span {start}-{end}: {config.query_audio} has {info.seconds} s")
+        raise UsageError(f"--query-span {start}-{end}: {config.query_audio} has {info.seconds} s")
     examples, _ = vggish_mod.waveform_to_examples(wave, rate, info.seconds)
     backbones = Backbones(extract_config, localizer.device, visual=False)
     return backbones.audio(examples[start:end])
-
-
-# -- writers -----------------------------------------------------------------------------------------------------------
-
-CSV_FIELDS = ("video", "start", "end", "label", "event_probability", "class_probability",
-              "top1", "top1_probability", "top2", "top2_probability", "top3", "top3_probability")
-
-
-def rows(result: VideoLabels) -> list[dict[str, Any]]:
-    """Flat per-second rows (CSV / JSONL)."""
-    out = []
-    for s in result.seconds:
-        row = {"video": result.video, "start": s.start, "end": s.end, "label": s.label,
-               "event_probability": s.event_probability, "class_probability": s.class_probability}
-        for k in range(3):
-            top = s.top3[k] if k < len(s.top3) else {"label": "", "probability": ""}
-            row[f"top{k + 1}"], row[f"top{k + 1}_probability"] = top["label"], top["probability"]
-        out.append(row)
-    return out
-
-
-def format_results(results: Sequence[VideoLabels], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
-    if fmt == "jsonl":
-        return "".join(json.dumps(row) + "\n" for r in results for row in rows(r))
-    if fmt == "csv":
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for r in results:
-            writer.writerows(rows(r))
-        return buffer.getvalue()
-    raise LocalizeError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-
-
-def write_results(results: Sequence[VideoLabels], fmt: str, out: str | os.PathLike) -> list[Path]:
-    """One file (``out``) for all videos, or one ``<id>.<fmt>`` per video when ``out`` is a directory (an existing
-    one, or a path ending in ``/``). Files are written atomically."""
-    out_text = str(out)
-    out = Path(out)
-    written = []
-    if out.is_dir() or out_text.endswith(("/", os.sep)):
-        out.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            if r.error is None:
-                written.append(_write_atomic(out / f"{r.id}.{fmt}", format_results([r], fmt)))
-    else:
-        written.append(_write_atomic(out, format_results([r for r in results if r.error is None], fmt)))
-    return written
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

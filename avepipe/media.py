@@ -12,28 +12,18 @@ import re
 import shutil
 import struct
 import subprocess
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
+import cv2
 import ffmpeg
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from avepipe.errors import MediaError
 from avepipe.sampling import TooShortError, whole_seconds
 
 FRAME_SIZE = 224  # VGG-19 input side
-
-
-class MediaError(Exception):
-    """A video that cannot be used; ``str()`` is a one-line message naming the file and the problem."""
-
-    kind = "media error"
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason.strip().splitlines()[0] if reason.strip() else self.kind
-        super().__init__(f"{self.path}: {self.kind}: {self.reason}")
 
 
 class MissingFileError(MediaError):
@@ -117,15 +107,26 @@ def probe(path: str | os.PathLike, require_video: bool = True) -> MediaInfo:
     """Duration, streams and sizes of ``path``; raises a :class:`MediaError` subclass for unusable files.
 
     ``require_video=False`` accepts audio-only files (a CML audio query); their video fields are -1 / 0."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise MissingFileError(path, "no such file" if not os.path.exists(path) else "not a regular file")
-    if os.path.getsize(path) == 0:
-        raise NotMediaError(path, "empty file")
+    path = _check_file(path)
     proc = subprocess.run(
         [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", path], capture_output=True, text=True, errors="replace"
     )
-    stderr = proc.stderr
+    return _parse_header(path, proc.stderr, require_video)
+
+
+def _check_file(path: str | os.PathLike) -> str:
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MissingFileError(path, "no such file" if not os.path.exists(path) else "not a regular file")
+    if not os.access(path, os.R_OK):
+        raise MissingFileError(path, "permission denied")
+    if os.path.getsize(path) == 0:
+        raise NotMediaError(path, "empty file")
+    return path
+
+
+def _parse_header(path: str, stderr: str, require_video: bool = True) -> MediaInfo:
+    """The input description ffmpeg prints before it processes anything (``Input #0 ... Duration ... Stream #0:N``)."""
     streams = [m for m in (_STREAM.search(ln) for ln in stderr.splitlines()) if m]
     if not streams:
         raise _classify_open_error(path, stderr)
@@ -163,31 +164,74 @@ def probe(path: str | os.PathLike, require_video: bool = True) -> MediaInfo:
 
 
 TRUNCATION_SLACK_S = 0.25  # complete files measured here end within 0.11 s of their container duration
+_DISCARD = 0x4  # AV_PKT_FLAG_DISCARD: a packet outside the edit list; the decoder drops its frame
+_NOPTS = -(2**63)
 
 
-def scan_packets(info: MediaInfo) -> int:
-    """Number of video frames, read without decoding (stream copy into the null muxer).
+@dataclass(frozen=True)
+class MediaIndex:
+    """What one demux pass (no decoding) tells about a file."""
 
-    The same pass checks the file is complete: a file cut short (a truncated download) still announces its full
-    duration in the header, but its last packet ends early. With both streams read, the later one must reach the
-    container duration (within ``TRUNCATION_SLACK_S``), else :class:`CorruptMediaError`.
+    info: MediaInfo
+    frames: int  # video frames a decoder returns: packets that carry data and are not discarded by an edit list
+    video_end: float  # seconds: end of the last kept video packet
+    audio_end: float  # seconds: end of the last audio packet
+
+
+def index(path: str | os.PathLike) -> MediaIndex:
+    """Probe ``path`` and index its packets in one pass that reads the file but decodes nothing.
+
+    ffmpeg stream-copies the first video and audio streams into its ``framecrc`` muxer, which prints one line per
+    packet with its timestamps, size and flags; the input description on stderr is the probe. The frame count is the
+    number of video packets that are neither empty nor flagged "discard" (the packets an MP4 edit list cuts: their
+    frames are decoded as references but never returned, by OpenCV as by ffmpeg). The same pass checks the file is
+    complete: a file cut short (a truncated download) still announces its full duration in the header, but its
+    packets end early; the later stream must reach the container duration within ``TRUNCATION_SLACK_S``.
     """
+    path = _check_file(path)
     proc = subprocess.run(
-        [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", info.path, "-map", f"0:{info.video_stream}",
-         "-map", f"0:{info.audio_stream}", "-c", "copy", "-f", "null", "-"],
-        capture_output=True, text=True, errors="replace",
+        [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", path, "-map", "0:V:0?", "-map", "0:a:0?",
+         "-c", "copy", "-f", "framecrc", "-"],
+        capture_output=True, errors="replace", text=True,
     )
-    counts = re.findall(r"frame=\s*(\d+)", proc.stderr)
+    info = _parse_header(path, proc.stderr)
     fatal = _fatal_error(proc.stderr)
-    if proc.returncode != 0 or not counts or fatal:
-        raise CorruptMediaError(info.path, fatal or _last_error(proc.stderr, info.path) or "cannot read the packets")
-    times = re.findall(r"time=\s*(\d+):(\d+):(\d+(?:\.\d+)?)", proc.stderr)
-    if times:
-        h, m, s = times[-1]
-        end = int(h) * 3600 + int(m) * 60 + float(s)
-        if end < info.duration - TRUNCATION_SLACK_S:
-            raise CorruptMediaError(info.path, f"streams end at {end:.2f} s but the header says {info.duration:.2f} s (file truncated?)")
-    return int(counts[-1])
+    if proc.returncode != 0 or fatal:
+        raise CorruptMediaError(path, fatal or _last_error(proc.stderr, path) or "cannot read the packets")
+    kinds: dict[int, str] = {}
+    bases: dict[int, float] = {}
+    ends = {"video": 0.0, "audio": 0.0}
+    frames = 0
+    for line in proc.stdout.splitlines():
+        if line.startswith("#"):
+            head, _, value = line[1:].partition(":")
+            name, _, number = head.partition(" ")
+            if name == "media_type":
+                kinds[int(number)] = value.strip()
+            elif name == "tb":
+                num, _, den = value.strip().partition("/")
+                bases[int(number)] = int(num) / int(den)
+            continue
+        fields = line.split(",")
+        if len(fields) < 6:
+            continue
+        stream, dts, pts, duration, size = (int(f) for f in fields[:5])
+        flags = int(fields[6].split("=")[1], 16) if len(fields) > 6 else 1
+        kind = kinds.get(stream)
+        if kind == "video" and (flags & _DISCARD or size == 0):
+            continue
+        stamp = pts if pts != _NOPTS else dts
+        if kind in ends and stamp != _NOPTS:
+            ends[kind] = max(ends[kind], (stamp + max(duration, 0)) * bases.get(stream, 0.0))
+        if kind == "video":
+            frames += 1
+    if frames == 0:
+        raise CorruptMediaError(path, "the video stream has no frames")
+    end = max(ends.values())
+    if end < info.duration - TRUNCATION_SLACK_S:
+        raise CorruptMediaError(path, f"streams end at {end:.2f} s but the header says {info.duration:.2f} s "
+                                      f"(file truncated?)")
+    return MediaIndex(info, frames, ends["video"], ends["audio"])
 
 
 # ffmpeg messages that mean the stream is cut off or unreadable (ffmpeg may still exit 0 after printing them).
@@ -197,9 +241,17 @@ _FATAL_MARKERS = ("partial file", "invalid data found", "moov atom not found", "
 
 def _fatal_error(stderr: str) -> str | None:
     for line in stderr.splitlines():
-        if any(marker in line.lower() for marker in _FATAL_MARKERS):
+        lower = line.lower()
+        if "error while decoding" in lower:
+            continue  # an isolated glitch: the decoder skips the packet and goes on (see decode_glitches)
+        if any(marker in lower for marker in _FATAL_MARKERS):
             return re.sub(r"^\[[^\]]*\]\s*", "", line.strip())
     return None
+
+
+def decode_glitches(stderr: str) -> int:
+    """Isolated decode errors ffmpeg reported and skipped (a damaged packet): the file is still usable."""
+    return sum("error while decoding" in line.lower() for line in stderr.splitlines())
 
 
 def _last_error(stderr: str, path: str) -> str:
@@ -290,11 +342,7 @@ def decode_audio(info: MediaInfo) -> tuple[np.ndarray, int]:
     fatal = _fatal_error(stderr)
     if proc.returncode != 0 or fatal:
         raise CorruptMediaError(info.path, fatal or _last_error(stderr, info.path) or "audio decode failed")
-    channels, rate, samples = _parse_wav(proc.stdout, info.path)
-    wave = samples.reshape(-1, channels).mean(axis=1, dtype=np.float64).astype(np.float32)
-    if wave.size == 0:
-        raise CorruptMediaError(info.path, "the audio stream decodes to no samples")
-    return wave, rate
+    return _mono_from_wav(proc.stdout, info.path)
 
 
 def _parse_wav(data: bytes, path: str) -> tuple[int, int, np.ndarray]:
@@ -319,109 +367,116 @@ def _parse_wav(data: bytes, path: str) -> tuple[int, int, np.ndarray]:
     raise CorruptMediaError(path, "audio decoder produced a malformed WAV stream")
 
 
-def resize_like_opencv(frames: np.ndarray | torch.Tensor, size: int = FRAME_SIZE) -> torch.Tensor:
-    """Resize uint8 ``[N, H, W, 3]`` frames to ``[N, size, size, 3]`` uint8 like OpenCV's INTER_LINEAR.
+def resize_like_opencv(frame: np.ndarray, out: np.ndarray | None = None, size: int = FRAME_SIZE) -> np.ndarray:
+    """Resize one uint8 ``[H, W, 3]`` frame to ``[size, size, 3]`` with OpenCV's own ``INTER_LINEAR`` (bit-exact with
+    the AVE recipe's ``cv2.resize``; ffmpeg's and torch's bilinear scalers differ by a grey level, which moves pool5
+    features by ~1 %, see docs/features.md). ``out``: write into this array (e.g. a shared-memory slot)."""
+    if out is None:
+        return cv2.resize(frame, (size, size), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(frame, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
 
-    2-tap bilinear with half-pixel centres and no antialiasing. torch's uint8 channels-last kernel is used (30x faster
-    than converting to float first); measured on real clips it is within 1 grey level of ``cv2.resize`` everywhere
-    (mean |diff| 0.02-0.15), while ffmpeg's own bilinear scaler is not (see docs/features.md).
+
+class Decoder:
+    """One ffmpeg process that decodes a file once: every video frame (native size, RGB, in the order a decoder returns
+    them, as OpenCV's ``VideoCapture`` does: ``-fps_mode passthrough``) on stdout, and the audio track as a float32 WAV
+    on a second pipe (read by a thread, so neither pipe can block the other).
+
+    Iterate for the frames (one reused ``[H, W, 3]`` array: copy or resize what you keep), then call :meth:`finish`
+    for the audio and the decode report; it raises :class:`CorruptMediaError` when ffmpeg failed.
     """
-    batch = torch.as_tensor(frames)
-    if batch.dtype != torch.uint8:
-        raise TypeError("resize_like_opencv expects uint8 frames")
-    if batch.shape[1] == size and batch.shape[2] == size:
-        return batch.clone()
-    nchw = batch.permute(0, 3, 1, 2)  # a channels-last view: no copy, selects the fast uint8 kernel
-    out = F.interpolate(nchw, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return out.permute(0, 2, 3, 1).contiguous()
+
+    def __init__(self, info: MediaInfo, threads: int = 1, audio: bool = True):
+        self.info = info
+        self.frames_read = 0
+        read_fd, write_fd = os.pipe() if audio else (None, None)
+        cmd = [ffmpeg_binary(), "-hide_banner", "-nostdin", "-loglevel", "error", "-threads", str(max(1, threads)),
+               "-noautorotate", "-i", info.path,
+               "-map", f"0:{info.video_stream}", "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "pipe:1"]
+        if audio:
+            cmd += ["-map", f"0:{info.audio_stream}", "-map_metadata", "-1", "-acodec", "pcm_f32le", "-f", "wav",
+                    f"pipe:{write_fd}"]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                      pass_fds=(write_fd,) if audio else ())
+        self._audio_bytes: list[bytes] = []
+        self._stderr: list[bytes] = []
+        self._threads = [threading.Thread(target=_drain, args=(self._proc.stderr, self._stderr), daemon=True)]
+        if audio:
+            os.close(write_fd)
+            self._audio_file = os.fdopen(read_fd, "rb")
+            self._threads.append(threading.Thread(target=_drain, args=(self._audio_file, self._audio_bytes),
+                                                  daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        width, height = self.info.width, self.info.height
+        frame_bytes = width * height * 3
+        stdout = self._proc.stdout
+        assert stdout is not None
+        buffer = bytearray(frame_bytes)  # reused: a yielded frame is valid until the next one is read
+        view = memoryview(buffer)
+        frame = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
+        while True:
+            got = 0
+            while got < frame_bytes:
+                n = stdout.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got == 0:
+                return
+            if got < frame_bytes:
+                raise CorruptMediaError(self.info.path, "video stream ends in the middle of a frame")
+            self.frames_read += 1
+            yield frame
+
+    def close(self) -> None:
+        """Stop early (a failure elsewhere): end the process, keep nothing."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for pipe in (self._proc.stdout, getattr(self, "_audio_file", None)):
+            if pipe is not None:
+                pipe.close()
+
+    def finish(self) -> tuple[np.ndarray | None, int, int]:
+        """After the frames: (mono float32 waveform or None, its sample rate, isolated decode glitches)."""
+        if self._proc.stdout is not None:
+            self._proc.stdout.read()  # frames nobody asked for (iteration stopped early): let ffmpeg end
+        returncode = self._proc.wait()
+        for thread in self._threads:
+            thread.join()
+        self.close()
+        stderr = b"".join(self._stderr).decode(errors="replace")
+        fatal = _fatal_error(stderr)
+        if returncode != 0 or fatal:
+            raise CorruptMediaError(self.info.path, fatal or _last_error(stderr, self.info.path) or "ffmpeg failed")
+        if self.frames_read == 0:
+            raise CorruptMediaError(self.info.path, "no video frame could be decoded")
+        glitches = decode_glitches(stderr)
+        if not self._audio_bytes:
+            return None, 0, glitches
+        wave, rate = _mono_from_wav(b"".join(self._audio_bytes), self.info.path)
+        return wave, rate, glitches
 
 
-SAMPLING_MODES = ("ave", "fps")
+def _drain(pipe, sink: list[bytes]) -> None:
+    while True:
+        block = pipe.read(1 << 20)
+        if not block:
+            return
+        sink.append(block)
 
 
-class FrameCountChanged(Exception):
-    """Decoding yielded a different number of frames than the packet count the sampling was planned on."""
-
-    def __init__(self, n_frames: int):
-        super().__init__(n_frames)
-        self.n_frames = n_frames
-
-
-def sampled_frames(info: MediaInfo, mode: str = "ave", chunk_seconds: int = 8,
-                   n_frames: int | None = None) -> Iterator[np.ndarray]:
-    """The 16 frames of every second as uint8 ``[k, 16, 224, 224, 3]`` chunks of at most ``chunk_seconds`` seconds.
-
-    ``ave``: all frames are decoded at native size; only the frames the AVE sampling selects are resized (like OpenCV) and
-    kept, so memory stays flat for long videos. The sampling needs the frame count up front: the packet count is used,
-    and if decoding yields a different count :class:`FrameCountChanged` is raised after the last chunk so the caller can
-    discard what it got and call again with ``n_frames`` (the frame count from :func:`scan_packets`, when known).
-    ``fps``: ffmpeg resamples to 16 frames/s and scales to 224 itself (faster, not AVE-compatible, see docs/features.md).
-    """
-    from avepipe.sampling import FRAMES_PER_SECOND, ave_frame_indices
-
-    if mode == "fps":
-        yield from _fps_frames(info, chunk_seconds)
-        return
-    if mode != "ave":
-        raise ValueError(f"unknown sampling mode {mode!r} (choose from {', '.join(SAMPLING_MODES)})")
-    planned = n_frames if n_frames is not None else scan_packets(info)
-    try:
-        indices = ave_frame_indices(planned, info.duration)
-    except TooShortError as exc:
-        raise MediaTooShortError(info.path, str(exc)) from None
-    flat = indices.reshape(-1)
-    wanted = np.bincount(flat, minlength=planned)  # how many times each frame is used (a frame may repeat)
-    chunk = np.empty((chunk_seconds * FRAMES_PER_SECOND, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
-    filled = emitted = 0
-    pipe = FramePipe(info)
-    for index, frame in enumerate(pipe):
-        repeats = int(wanted[index]) if index < planned else 0
-        if not repeats:
-            continue
-        small = resize_like_opencv(frame[None])[0].numpy()  # resize at once: native frames are never held
-        for _ in range(repeats):
-            chunk[filled] = small
-            filled += 1
-            if filled == len(chunk):
-                emitted += filled
-                yield chunk.reshape(-1, FRAMES_PER_SECOND, FRAME_SIZE, FRAME_SIZE, 3).copy()
-                filled = 0
-    pipe.check()
-    if pipe.frames_read == 0:
-        raise CorruptMediaError(info.path, "no video frame could be decoded")
-    if pipe.frames_read != planned:
-        raise FrameCountChanged(pipe.frames_read)
-    if filled:
-        emitted += filled
-        yield chunk[:filled].reshape(-1, FRAMES_PER_SECOND, FRAME_SIZE, FRAME_SIZE, 3).copy()
-    assert emitted == flat.size
-
-
-def _fps_frames(info: MediaInfo, chunk_seconds: int) -> Iterator[np.ndarray]:
-    from avepipe.sampling import FRAMES_PER_SECOND
-
-    filters = [("fps", (FRAMES_PER_SECOND,), {}), ("scale", (FRAME_SIZE, FRAME_SIZE), {"flags": "bilinear"})]
-    needed = info.seconds * FRAMES_PER_SECOND
-    chunk_frames = chunk_seconds * FRAMES_PER_SECOND
-    pending: list[np.ndarray] = []
-    emitted = 0
-    last: np.ndarray | None = None
-    pipe = FramePipe(info, filters, size=(FRAME_SIZE, FRAME_SIZE))
-    for frame in pipe:
-        last = frame.copy()
-        if emitted + len(pending) < needed:
-            pending.append(last)
-        if len(pending) >= chunk_frames:
-            emitted += len(pending)
-            yield np.stack(pending).reshape(-1, FRAMES_PER_SECOND, FRAME_SIZE, FRAME_SIZE, 3)
-            pending = []
-    pipe.check()
-    if last is None:
-        raise CorruptMediaError(info.path, "no video frame could be decoded")
-    # The fps filter can end a frame or two short of T*16: repeat the last frame.
-    pending.extend([last] * (needed - emitted - len(pending)))
-    if pending:
-        yield np.stack(pending).reshape(-1, FRAMES_PER_SECOND, FRAME_SIZE, FRAME_SIZE, 3)
+def _mono_from_wav(data: bytes, path: str) -> tuple[np.ndarray, int]:
+    channels, rate, samples = _parse_wav(data, path)
+    wave = samples.reshape(-1, channels).mean(axis=1, dtype=np.float64).astype(np.float32)
+    if wave.size == 0:
+        raise CorruptMediaError(path, "the audio stream decodes to no samples")
+    return wave, rate
 
 
 def thumbnails(info: MediaInfo, seconds: int, width: int = 96) -> np.ndarray:

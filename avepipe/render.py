@@ -6,29 +6,40 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 
 class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+    def render(self, task) -> Text:
         elapsed = task.elapsed or 0.0
         rate = task.completed / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate:.3g} videos/s", style="cyan")
+        return Text(f"{rate:.3g} {task.fields.get('unit', 'videos')}/s", style="cyan")
 
 
 class ExtractProgress:
     """Receives extract events and shows a progress bar with videos/s; warnings and failures go to stderr."""
 
-    def __init__(self, console: Console, errors: Console):
+    def __init__(self, console: Console, errors: Console, label: str = "extract"):
         self.errors = errors
-        self.progress = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False)
+        self.label = label
+        self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                                 _RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=console, transient=False)
         self.task = None
+        self.long_videos: dict[str, Any] = {}  # video id -> its seconds bar (videos of LONG_VIDEO_S or more)
 
-    def __enter__(self) -> "ExtractProgress":
+    def __enter__(self) -> ExtractProgress:
         self.progress.start()
         return self
 
@@ -39,18 +50,43 @@ class ExtractProgress:
         if event == "warning":
             self.errors.print(f"[bold yellow]WARNING:[/] {fields['message']}", soft_wrap=True)
         elif event == "start":
-            self.task = self.progress.add_task(f"on {fields['device']}", total=fields["todo"])
+            self.task = self.progress.add_task(f"on {fields['device']}", total=fields["todo"], label=self.label,
+                                               unit="videos")
             if fields["skipped"]:
                 self.progress.console.print(f"{fields['skipped']} videos already in the cache: skipped")
+            if fields.get("resumed_seconds"):
+                self.progress.console.print(f"{fields['resumed_seconds']} seconds of partly extracted long videos "
+                                            f"resumed from the last run")
+        elif event == "seconds":
+            self._seconds(fields)
         elif event == "video" and self.task is not None:
             self.progress.advance(self.task)
+            bar = self.long_videos.pop(fields["id"], None)
+            if bar is not None:
+                self.progress.remove_task(bar)
             if fields["status"] == "failed":
                 self.errors.print(f"[red]failed:[/] {fields['error']}", soft_wrap=True)
 
 
-def render_extract_report(console: Console, errors: Console, report, cache: Path) -> None:  # noqa: ANN001
-    table = Table(title=f"extract summary: {cache}", show_header=True)
-    for column in ("videos", "extracted", "skipped", "failed", "seconds of video", "time", "videos/s"):
+    def _seconds(self, fields: dict[str, Any]) -> None:
+        """A bar of seconds (with an ETA) for each long video while it is being extracted."""
+        if fields["total"] < LONG_VIDEO_S:
+            return
+        bar = self.long_videos.get(fields["id"])
+        if bar is None:
+            bar = self.progress.add_task(escape(fields["id"]), total=fields["total"], completed=fields["done"],
+                                         label="  seconds", unit="s")
+            self.long_videos[fields["id"]] = bar
+        self.progress.update(bar, completed=fields["done"])
+
+
+LONG_VIDEO_S = 30  # videos this long get their own progress bar of seconds
+
+
+def render_extract_report(console: Console, errors: Console, report: Any, cache: Path, what: str = "extract") -> None:
+    table = Table(title=f"{what} summary: {cache}", show_header=True)
+    done = "extracted" if what == "extract" else "decoded"
+    for column in ("videos", done, "skipped", "failed", "seconds of video", "time", "videos/s"):
         table.add_column(column, justify="right")
     rate = len(report.done) / report.elapsed_s if report.elapsed_s > 0 else 0.0
     table.add_row(str(report.total), str(len(report.done)), str(len(report.skipped)),
@@ -66,7 +102,7 @@ def render_extract_report(console: Console, errors: Console, report, cache: Path
 
 
 def render_device_results(console: Console, errors: Console, devices: list) -> None:
-    """One row per device of ``extract --devices`` (avepipe.scale.DeviceResult); a device that stopped early on stderr."""
+    """One row per device of ``extract --devices`` (avepipe.multi_device.DeviceResult); a device that stopped early on stderr."""
     table = Table(title="per device", show_header=True)
     for column in ("device", "shard", "videos", "extracted", "failed", "time"):
         table.add_column(column, justify="left" if column == "device" else "right")
@@ -80,7 +116,7 @@ def render_device_results(console: Console, errors: Console, devices: list) -> N
                          f"run the same command again to extract its remaining videos", soft_wrap=True)
 
 
-def render_cache(console: Console, reader, failed_only: bool = False) -> None:  # noqa: ANN001
+def render_cache(console: Console, reader, failed_only: bool = False) -> None:
     spec = reader.spec or {}
     if not failed_only:
         entries = reader.all_attrs()
@@ -114,7 +150,7 @@ class TrainProgress:
                                  TextColumn("{task.description}"), console=console)
         self.task = None
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         self.progress.start()
         return self
 
@@ -158,7 +194,7 @@ class LocalizeProgress(ExtractProgress):
             super().update(event, fields)
 
 
-def localize_table(result) -> Table:  # noqa: ANN001 - avepipe.localization.VideoLabels
+def localize_table(result) -> Table:
     """Per-second labels of one video as a rich table (what the terminal shows)."""
     title = f"{result.video}: {len(result.seconds)} s"
     if result.query:
@@ -172,7 +208,7 @@ def localize_table(result) -> Table:  # noqa: ANN001 - avepipe.localization.Vide
     return table
 
 
-def render_localize(console: Console, errors: Console, results, show_seconds: bool = True) -> None:  # noqa: ANN001
+def render_localize(console: Console, errors: Console, results, show_seconds: bool = True) -> None:
     for result in results:
         if result.error:
             errors.print(f"[red]failed:[/] {result.error}", soft_wrap=True)
@@ -195,14 +231,18 @@ class DownloadProgress:
     """One bar per weights file (bytes, speed, time left); retries are announced on stderr."""
 
     def __init__(self, console: Console, errors: Console):
-        from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            DownloadColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.errors = errors
         self.progress = Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), DownloadColumn(),
                                  TransferSpeedColumn(), TimeRemainingColumn(), console=console)
         self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "DownloadProgress":
+    def __enter__(self) -> DownloadProgress:
         return self  # the bars start with the first download (nothing to draw when every file is present)
 
     def __exit__(self, *exc: object) -> None:
@@ -243,7 +283,7 @@ def render_weights_outcomes(console: Console, errors: Console, outcomes: list) -
                          "computed with it are NOT the published AVE features", soft_wrap=True)
 
 
-def _state_text(status) -> str:  # noqa: ANN001 - avepipe.backbones.weights.WeightsStatus
+def _state_text(status) -> str:
     if status.state == "official":
         return "[green]official[/]"
     if status.state == "unofficial":

@@ -1,15 +1,15 @@
 """How seconds of video map to frames and audio examples (the AVE feature spec, generalised to any length).
 
-The released AVE features come from 10-s clips: all frames are decoded, ``interval = int(n_frames / 10)`` and second ``l``
-averages the 16 frames ``int(l * interval + i / 16 * interval)``, i = 0..15. For other lengths:
+The released AVE features come from 10-s clips: all frames are decoded, ``interval = int(n_frames / 10)`` and second
+``l`` averages the 16 frames ``int(l * interval + i / 16 * interval)``, i = 0..15. For other lengths:
 
 * ``T`` = number of whole seconds = ``floor(duration + TOLERANCE_S)``. Clips cut at second boundaries often come out a
   frame or two short (a "1 s" clip of 23 frames at 23.98 fps lasts 0.96 s), so 50 ms of slack counts as a whole second.
   ``T < 1`` is an error (the video is shorter than 1 s).
-* When the clip is whole seconds (``duration < T + TOLERANCE_S``) the original formula is used with ``T`` in place of 10:
-  ``interval = int(n_frames / T)`` -- identical to the released features for 10-s clips.
-* Otherwise (e.g. 9.64 s: T = 9 plus a 0.64-s tail) ``interval = int(n_frames / duration)``, the real frames per second, so
-  second ``l`` still covers real second ``l``; the partial tail gets no label of its own.
+* When the clip is whole seconds (``duration < T + TOLERANCE_S``) the original formula is used with ``T`` in place of
+  10: ``interval = int(n_frames / T)`` -- identical to the released features for 10-s clips.
+* Otherwise (e.g. 9.64 s: T = 9 plus a 0.64-s tail) ``interval = int(n_frames / duration)``, the real frames per second,
+  so second ``l`` still covers real second ``l``; the partial tail gets no label of its own.
 """
 
 from __future__ import annotations

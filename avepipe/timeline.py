@@ -7,12 +7,14 @@ import colorsys
 import hashlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from avepipe import media
 from avepipe.localization import NO_MATCH, VideoLabels
+from avepipe.outputs import wants_directory
 
 CELL = 96  # pixels per second
 PER_ROW = 20  # seconds per row
@@ -77,3 +79,11 @@ def save_timeline(result: VideoLabels, out: str | os.PathLike) -> Path:
     image.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, out)
     return out
+
+
+def save_timelines(results: Sequence[VideoLabels], target: str | os.PathLike) -> list[Path]:
+    """The timeline of every labelled video (``--plot``): ``target`` itself for one video, ``<target>/<id>.png`` for
+    several or when ``target`` is a directory (:func:`avepipe.outputs.wants_directory`)."""
+    ok = [r for r in results if r.error is None]
+    many = len(ok) > 1 or wants_directory(target)
+    return [save_timeline(r, Path(target) / f"{r.id}.png" if many else Path(target)) for r in ok]

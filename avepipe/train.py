@@ -1,7 +1,8 @@
-"""Training loop, evaluation and checkpoints, shared by every registered model and task.
+"""Training loop and evaluation, shared by every registered model and task.
 
 The checkpoint is chosen on the **val** split only; the test split is evaluated once, with the chosen checkpoint.
-Checkpoints are plain dicts (loadable with ``torch.load(..., weights_only=True)``), never pickled modules.
+Checkpoints (plain dicts, never pickled modules) are made, read and checked in :mod:`avepipe.checkpoint`. Bad options
+raise :class:`~avepipe.errors.UsageError`, unusable data files :class:`~avepipe.errors.DataError`.
 """
 
 from __future__ import annotations
@@ -11,30 +12,32 @@ import json
 import math
 import os
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import h5py
 import numpy as np
+import tomllib
 import torch
 
-from avepipe import __version__
+from avepipe.checkpoint import (
+    check_categories,
+    check_resumable,
+    load_checkpoint,
+    make_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from avepipe.data import ave
-from avepipe.devices import resolve_device
 from avepipe.data.features import FeatureTable, load_feature_table
 from avepipe.data.tasks import RowSet, batches, build_rows, with_noisy_videos
+from avepipe.devices import resolve_device
+from avepipe.errors import DataError, UsageError
 from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
 from avepipe.models.registry import build_model, get_spec
 
-CHECKPOINT_FORMAT = "avepipe-checkpoint"
-CHECKPOINT_VERSION = 1
 DIRECTIONS = ("a2v", "v2a")
-
-
-class TrainError(Exception):
-    """A problem with the inputs of train / evaluate (exit code 2); ``str()`` is one line."""
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -47,36 +50,35 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def resolve_config(model_name: str, config_file: str | os.PathLike | None = None,
+def resolve_config(model_name: str, config_file: PathLike | None = None,
                    train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model's paper defaults, then the TOML file's ``[model]`` / ``[train]`` tables, then command-line values."""
-    try:
-        spec = get_spec(model_name)
-    except KeyError as exc:
-        raise TrainError(str(exc.args[0])) from None
-    config = deep_merge({"model": {}, "train": {}}, spec.default_config)
+    config = deep_merge({"model": {}, "train": {}}, get_spec(model_name).default_config)
     if config_file:
         try:
             loaded = tomllib.loads(Path(config_file).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise TrainError(f"{config_file}: cannot read the config ({exc})") from None
+            raise UsageError(f"{config_file}: cannot read the config ({exc})") from None
         unknown = set(loaded) - {"model", "train"}
         if unknown:
-            raise TrainError(f"{config_file}: unknown tables {sorted(unknown)} (use [model] and [train])")
+            raise UsageError(f"{config_file}: unknown tables {sorted(unknown)} (use [model] and [train])")
         config = deep_merge(config, loaded)
     config["train"].update({k: v for k, v in (train_overrides or {}).items() if v is not None})
     return config
 
 
+PathLike = str | os.PathLike
+
+
 @dataclass
 class DataPaths:
-    features: str
-    annotations: str
-    categories: str | None = None  # default: categories.txt beside the annotations
-    splits: str | None = None  # folder with {split}_order[_match].h5 or {split}Set.txt; default: the annotations' folder
+    features: PathLike
+    annotations: PathLike
+    categories: PathLike | None = None  # default: categories.txt beside the annotations
+    splits: PathLike | None = None  # folder with {split}_order[_match].h5 or {split}Set.txt; default: the annotations'
     # weak task only: the released extra background videos (audio_feature_noisy.h5, visual_feature_noisy.h5,
     # labels_noisy.h5; key avadataset) added to the training split
-    noisy: tuple[str, str, str] | None = None
+    noisy: tuple[PathLike, PathLike, PathLike] | None = None
 
     def categories_path(self) -> Path:
         return Path(self.categories) if self.categories else Path(self.annotations).parent / "categories.txt"
@@ -93,31 +95,28 @@ class TaskData:
 
 
 def load_task_data(paths: DataPaths, task: str, splits: tuple[str, ...], device: torch.device) -> TaskData:
-    try:
+    try:  # avepipe.data.ave reads plain files: its ValueError / OSError name the file (and line)
         categories = ave.read_categories(paths.categories_path())
         annotations = ave.read_annotations(paths.annotations, categories)
         kind = "cml" if task == "cml" else "sel"
         split_rows = {s: ave.load_split(kind, s, paths.splits_dir()) for s in splits}
     except (OSError, ValueError) as exc:
-        raise TrainError(str(exc)) from None
+        raise DataError(str(exc)) from None
     if any(r.size and r.max() >= len(annotations) for r in split_rows.values()):
-        raise TrainError(f"{paths.splits_dir()}: split rows beyond the {len(annotations)} rows of {paths.annotations}")
+        raise DataError(f"{paths.splits_dir()}: split rows beyond the {len(annotations)} rows of {paths.annotations}")
     needed = [annotations[r].video_id for rows in split_rows.values() for r in rows]
-    try:
-        table = load_feature_table(paths.features, needed)
-    except KeyError as exc:
-        raise TrainError(str(exc)) from None
-    table = table.to(device)
+    table = load_feature_table(paths.features, needed).to(device)
     rowsets = {s: build_rows(annotations, rows, categories, table, task).to(device) for s, rows in split_rows.items()}
     if paths.noisy and "train" in rowsets:
         if task != "weak":
-            raise TrainError("the noisy background videos are extra data for --task weak only")
+            raise UsageError("the noisy background videos are extra data for --task weak only")
         visual, audio, video_label = read_noisy(*paths.noisy)
         table, rowsets["train"] = with_noisy_videos(table, rowsets["train"], visual, audio, video_label)
     return TaskData(table, rowsets, categories)
 
 
-def read_noisy(audio_path: str, visual_path: str, labels_path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_noisy(audio_path: PathLike, visual_path: PathLike, labels_path: PathLike,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The released noisy set: audio [M,10,128], visual [M,10,7,7,512], one-hot video labels [M,29] (key avadataset)."""
     arrays = []
     for path in (audio_path, visual_path, labels_path):
@@ -125,10 +124,10 @@ def read_noisy(audio_path: str, visual_path: str, labels_path: str) -> tuple[tor
             with h5py.File(path, "r") as f:
                 arrays.append(torch.from_numpy(np.asarray(f["avadataset"][()], dtype=np.float32)))
         except (OSError, KeyError) as exc:
-            raise TrainError(f"{path}: cannot read dataset 'avadataset' ({exc})") from None
+            raise DataError(f"{path}: cannot read dataset 'avadataset' ({exc})") from None
     audio, visual, labels = arrays
     if not (audio.shape[0] == visual.shape[0] == labels.shape[0]) or labels.shape[1:] != (ave.NUM_CLASSES,):
-        raise TrainError(f"noisy set shapes do not fit: audio {tuple(audio.shape)}, visual {tuple(visual.shape)}, "
+        raise DataError(f"noisy set shapes do not fit: audio {tuple(audio.shape)}, visual {tuple(visual.shape)}, "
                          f"labels {tuple(labels.shape)}")
     return visual, audio, labels.argmax(1)
 
@@ -168,50 +167,17 @@ def metric_name(task: str) -> str:
     return "exact_match" if task == "cml" else "segment_accuracy"
 
 
-# -- checkpoints ------------------------------------------------------------------------------------------------------
-
-def make_checkpoint(model: torch.nn.Module, *, name: str, task: str, direction: str | None, config: dict,
-                    class_names: list[str], feature_spec: dict | None, metrics: dict, seed: int) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-        "model": name, "task": task, "direction": direction, "config": config,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "class_names": list(class_names), "feature_spec": json.dumps(feature_spec or {}, sort_keys=True),
-        "metrics": metrics, "seed": seed,
-        "versions": {"avepipe": __version__, "torch": str(torch.__version__)},
-    }
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model of a checkpoint (weights_only load: no code from the file is executed)."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise TrainError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path}: not an avepipe checkpoint")
-    model = build_model(ckpt["model"], ckpt["task"], ckpt["config"]["model"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(map_location).eval(), ckpt
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # -- training ---------------------------------------------------------------------------------------------------------
 
 @dataclass
 class TrainOptions:
     model: str
     task: str
-    out_dir: str
+    out_dir: PathLike
     direction: str | None = None
     seed: int = 0
     device: str = "auto"
-    config_file: str | None = None
+    config_file: PathLike | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -219,13 +185,6 @@ class TrainOptions:
 
 
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-def _device(name: str) -> torch.device:
-    try:
-        return resolve_device(name)
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
 
 
 def _optimizer(model: torch.nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
@@ -236,8 +195,9 @@ def _optimizer(model: torch.nn.Module, train_cfg: dict) -> torch.optim.Optimizer
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=float(train_cfg.get("momentum", 0.9)), weight_decay=wd)
-    raise TrainError(f"unknown optimizer {name!r}")
+        momentum = float(train_cfg.get("momentum", 0.9))
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    raise UsageError(f"unknown optimizer {name!r}")
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, train_cfg: dict):
@@ -252,27 +212,25 @@ def _scheduler(optimizer: torch.optim.Optimizer, train_cfg: dict):
 def validate_task(options: TrainOptions) -> None:
     spec = get_spec(options.model)
     if options.task not in spec.tasks:
-        raise TrainError(f"model {options.model!r} does not support task {options.task!r} (supports: {', '.join(spec.tasks)})")
+        raise UsageError(f"model {options.model!r} does not support task {options.task!r} "
+                         f"(supports: {', '.join(spec.tasks)})")
     if options.task == "cml" and options.direction not in DIRECTIONS:
-        raise TrainError("--task cml needs --direction a2v or v2a")
+        raise UsageError("--task cml needs --direction a2v or v2a")
     if options.task != "cml" and options.direction is not None:
-        raise TrainError("--direction only applies to --task cml")
+        raise UsageError("--direction only applies to --task cml")
 
 
 def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Train one model with one seed into ``options.out_dir``; returns the metrics written to metrics.json."""
-    try:
-        validate_task(options)
-    except KeyError as exc:
-        raise TrainError(str(exc.args[0])) from None
+    validate_task(options)
     config = resolve_config(options.model, options.config_file,
                             {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.lr})
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(options.device)
+    device = resolve_device(options.device)
     data = load_task_data(paths, options.task, ave.SPLITS, device)
     if len(data.splits["train"]) == 0 or len(data.splits["val"]) == 0:
-        raise TrainError("the train and val splits must not be empty")
+        raise DataError("the train and val splits must not be empty")
     torch.manual_seed(options.seed)
     np.random.seed(options.seed)
     model = build_model(options.model, options.task, config["model"]).to(device)
@@ -285,10 +243,10 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     last_path, best_path = out / "last.pt", out / "checkpoint.pt"
     if options.resume:
         if not last_path.exists():
-            raise TrainError(f"{last_path}: nothing to resume (no last.pt in {out})")
-        saved = torch.load(last_path, map_location="cpu", weights_only=True)
-        if saved["model"] != options.model or saved["task"] != options.task or saved["seed"] != options.seed:
-            raise TrainError(f"{last_path}: was trained with model={saved['model']} task={saved['task']} seed={saved['seed']}")
+            raise UsageError(f"{last_path}: nothing to resume (no last.pt in {out})")
+        saved = read_checkpoint(last_path)
+        check_resumable(saved, last_path, model=options.model, task=options.task, seed=options.seed)
+        check_categories(saved, last_path, data.categories, paths.categories_path())
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -297,8 +255,8 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
         state = saved["progress"]
     (out / "config.json").write_text(json.dumps({"model": options.model, "task": options.task,
                                                  "direction": options.direction, "seed": options.seed,
-                                                 "config": config, "features": paths.features,
-                                                 "annotations": paths.annotations}, indent=2))
+                                                 "config": config, "features": os.fspath(paths.features),
+                                                 "annotations": os.fspath(paths.annotations)}, indent=2))
     epochs = int(train_cfg["epochs"])
     batch_size = int(train_cfg["batch_size"])
     metric = metric_name(options.task)
@@ -323,25 +281,26 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
         improved = val > state["best"]
         if improved:
             state["best"], state["best_epoch"] = val, epoch
-            _atomic_save(make_checkpoint(model, name=options.model, task=options.task, direction=options.direction,
-                                         config=config, class_names=class_names, feature_spec=data.table.spec,
-                                         metrics={f"val_{metric}": val, "epoch": epoch}, seed=options.seed), best_path)
+            save_checkpoint(make_checkpoint(model, name=options.model, task=options.task, direction=options.direction,
+                                            config=config, class_names=class_names, feature_spec=data.table.spec,
+                                            metrics={f"val_{metric}": val, "epoch": epoch}, seed=options.seed),
+                            best_path)
         state["epoch"] = epoch
         resume_state = make_checkpoint(model, name=options.model, task=options.task, direction=options.direction,
                                        config=config, class_names=class_names, feature_spec=data.table.spec,
                                        metrics={}, seed=options.seed)
         resume_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             shuffle_rng=shuffle.get_state(), torch_rng=torch.get_rng_state(), progress=state)
-        _atomic_save(resume_state, last_path)
+        save_checkpoint(resume_state, last_path)
         if on_epoch:
             on_epoch({**record, "epochs": epochs, "best": state["best"], "improved": improved, "metric": metric})
     best_model, best = load_checkpoint(best_path, device)
     test = evaluate_split(best_model, data, "test", options.task, options.direction)
     metrics = {"model": options.model, "task": options.task, "direction": options.direction, "seed": options.seed,
-               "metric": metric, "train_rows": len(data.splits["train"]), "best_epoch": state["best_epoch"], f"val_{metric}": state["best"],
-               f"test_{metric}": test, "epochs": epochs, "history": state["history"]}
+               "metric": metric, "train_rows": len(data.splits["train"]), "best_epoch": state["best_epoch"],
+               f"val_{metric}": state["best"], f"test_{metric}": test, "epochs": epochs, "history": state["history"]}
     best["metrics"] = {k: v for k, v in metrics.items() if k != "history"}
-    _atomic_save(best, best_path)
+    save_checkpoint(best, best_path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -361,17 +320,21 @@ def train_seeds(options: TrainOptions, paths: DataPaths, seeds: int, on_epoch: E
                                "seeds": [r["seed"] for r in results], "metric": metric}
     for split in ("val", "test"):
         values = np.array([r[f"{split}_{metric}"] for r in results])
-        summary[f"{split}_{metric}"] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                                        "values": values.tolist()}
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary[f"{split}_{metric}"] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
     Path(options.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(options.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def evaluate(checkpoint: str, paths: DataPaths, split: str = "test", device: str = "auto") -> dict[str, Any]:
-    dev = _device(device)
+def evaluate(checkpoint: PathLike, paths: DataPaths, split: str = "test", device: str = "auto") -> dict[str, Any]:
+    """The checkpoint's metric on one split of the data (a warning when the features differ from its training's)."""
+    if split not in ave.SPLITS:
+        raise UsageError(f"--split {split}: choose {', '.join(ave.SPLITS[:-1])} or {ave.SPLITS[-1]}")
+    dev = resolve_device(device)
     model, ckpt = load_checkpoint(checkpoint, dev)
     data = load_task_data(paths, ckpt["task"], (split,), dev)
+    check_categories(ckpt, checkpoint, data.categories, paths.categories_path())
     trained_on = json.loads(ckpt.get("feature_spec") or "{}")
     warning = None
     if trained_on and data.table.spec and trained_on != data.table.spec:

@@ -35,7 +35,8 @@ def cut_clips(source: Path, folder: Path, count: int, seconds: float) -> list[Pa
         if not clip.exists():
             tmp = clip.with_suffix(".tmp.mp4")
             subprocess.run([ffmpeg_binary(), "-y", "-loglevel", "error", "-ss", str(30 + 20 * i), "-i", str(source),
-                            "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", str(tmp)], check=True)
+                            "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", str(tmp)],
+                           check=True)
             tmp.rename(clip)
         clips.append(clip)
     return clips
@@ -67,7 +68,8 @@ def main() -> None:
     parser.add_argument("--sampling", default="ave")
     parser.add_argument("--vgg19-weights", default="random")
     parser.add_argument("--vggish-weights", default="random")
-    parser.add_argument("--source", default=os.path.join(os.environ.get("AVEPIPE_TEST_MEDIA", "../shared/media"), "bbb.mp4"))
+    media = os.environ.get("AVEPIPE_TEST_MEDIA", "../shared/media")
+    parser.add_argument("--source", default=os.path.join(media, "bbb.mp4"))
     parser.add_argument("--clip-dir", default=".bench/clips")
     args = parser.parse_args()
 

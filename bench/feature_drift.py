@@ -3,8 +3,8 @@
     python bench/feature_drift.py [--clips fire2.mp4 sample_1s.mp4 chaplin.mp4] [--device cpu|cuda]
 
 Compares, per clip, the per-second visual features of: ``--sampling fps`` (ffmpeg fps=16 + its bilinear scaler) and
-bf16 / fp16 autocast against ``ave`` sampling in float32, all with the same real VGG-19 weights. Prints the mean relative
-difference (|a-b| summed / |a| summed) and the worst per-second relative L2 difference.
+bf16 / fp16 autocast against ``ave`` sampling in float32, all with the same real VGG-19 weights. Prints the mean
+relative difference (|a-b| summed / |a| summed) and the worst per-second relative L2 difference.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avepipe import media  # noqa: E402
 from avepipe.backbones import weights  # noqa: E402
 from avepipe.backbones.vgg19 import load_vgg19  # noqa: E402
+from avepipe.decode import decode_file  # noqa: E402
 
 
 def visual(model, frames: np.ndarray, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
@@ -36,7 +37,8 @@ def visual(model, frames: np.ndarray, device: torch.device, dtype: torch.dtype |
 
 def drift(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     mean_rel = float(np.abs(ref - other).sum() / np.abs(ref).sum())
-    per_second = np.linalg.norm((ref - other).reshape(len(ref), -1), axis=1) / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
+    flat_ref, flat_diff = ref.reshape(len(ref), -1), (ref - other).reshape(len(ref), -1)
+    per_second = np.linalg.norm(flat_diff, axis=1) / np.linalg.norm(flat_ref, axis=1)
     return mean_rel, float(per_second.max())
 
 
@@ -54,8 +56,8 @@ def main() -> None:
     print(f"{'clip':28s} {'variant':10s} {'mean rel diff':>14s} {'worst second (rel L2)':>22s}")
     for name in args.clips:
         info = media.probe(Path(args.media) / name)
-        ave = np.concatenate(list(media.sampled_frames(info, "ave")))
-        fps = np.concatenate(list(media.sampled_frames(info, "fps")))
+        ave = decode_file(info.path, "ave")[0]
+        fps = decode_file(info.path, "fps")[0]
         ref = visual(model, ave, device, None)
         rows = {"fps": visual(model, fps, device, None)}
         rows |= {label: visual(model, ave, device, dtype) for label, dtype in precisions.items()}

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avepipe.backbones.vggish import make_vggish_state_dict  # noqa: E402
+from avepipe.checkpoint import make_checkpoint  # noqa: E402
 from avepipe.media import ffmpeg_binary  # noqa: E402
 from avepipe.models import build_model  # noqa: E402
-from avepipe.train import make_checkpoint  # noqa: E402
 
 
 def timed(args: list[str], env: dict[str, str] | None = None) -> float:

@@ -76,7 +76,8 @@ def main() -> None:
     device = torch.device(args.device)
     table, rows = synthetic_table(args.videos, device)
     print(f"device {device}; {args.videos} videos x 10 s; visual {tuple(table.visual.shape)} {table.visual.dtype}")
-    print(f"{'model':8s} {'task':11s} {'batch':>5s} {'s/epoch':>9s} {'data s':>8s} {'model s':>8s} {'outside model':>14s}")
+    print(f"{'model':8s} {'task':11s} {'batch':>5s} {'s/epoch':>9s} {'data s':>8s} {'model s':>8s} "
+          f"{'outside model':>14s}")
     for name in args.models or model_names():
         spec = get_spec(name)
         for task in spec.tasks:
@@ -87,11 +88,13 @@ def main() -> None:
             batch_size = args.batch_size or int(cfg.get("batch_size", 64))
             generator = torch.Generator().manual_seed(0)
             epoch(model, optimizer, table, rows, task, batch_size, device, generator)  # warm-up
-            timings = [epoch(model, optimizer, table, rows, task, batch_size, device, generator) for _ in range(args.epochs)]
+            timings = [epoch(model, optimizer, table, rows, task, batch_size, device, generator)
+                       for _ in range(args.epochs)]
             data_s = float(np.mean([t[0] for t in timings]))
             model_s = float(np.mean([t[1] for t in timings]))
             total = data_s + model_s
-            print(f"{name:8s} {task:11s} {batch_size:5d} {total:9.3f} {data_s:8.3f} {model_s:8.3f} {data_s / total:14.1%}")
+            print(f"{name:8s} {task:11s} {batch_size:5d} {total:9.3f} {data_s:8.3f} {model_s:8.3f} "
+                  f"{data_s / total:14.1%}")
 
 
 if __name__ == "__main__":

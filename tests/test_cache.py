@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from avepipe.cache import CacheError, CacheLockedError, FeatureCache, SpecMismatchError, merge
+from avepipe.cache import FeatureCache, merge
+from avepipe.errors import CacheError, CacheLockedError, SpecMismatchError
 
 SPEC = {"spec_version": 1, "sampling": "ave", "audio": "vggish/fc2-relu"}
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from avepipe import media
+from avepipe.decode import decode_file
 from avepipe.backbones.vgg19 import load_vgg19
 from avepipe.backbones.vggish import load_vggish, waveform_to_examples
 from avepipe.cache import FeatureCache
@@ -43,7 +44,7 @@ def test_real_media_features_equal_direct_computation(real_cache, media_dir, vgg
         assert entry.attrs["vgg19_sha256"].startswith("bde7da0d") and len(entry.attrs["vggish_sha256"]) == 64
     # The pipeline equals the backbones applied to the spec's frames and examples, computed here directly.
     info = media.probe(media_dir / "fire2.mp4")
-    frames = np.concatenate(list(media.sampled_frames(info, "ave")))
+    frames, _, _ = decode_file(media_dir / "fire2.mp4")
     with torch.inference_mode():
         pool5 = load_vgg19(vgg19_weights)(torch.from_numpy(frames.reshape(-1, 224, 224, 3))).numpy()
         wave, rate = media.decode_audio(info)

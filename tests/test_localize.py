@@ -14,14 +14,22 @@ import torch
 from PIL import Image
 
 import avepipe
+from avepipe.checkpoint import make_checkpoint
+from avepipe.errors import UsageError
 from avepipe.localization import (
-    BACKGROUND, MATCH, NO_MATCH, Localizer, LocalizeError, SecondLabel, merge_spans, parse_span, window_owner,
+    BACKGROUND,
+    MATCH,
+    NO_MATCH,
+    Localizer,
+    SecondLabel,
+    merge_spans,
+    parse_span,
+    window_owner,
     window_starts,
 )
 from avepipe.metrics import max_contiguous_window
 from avepipe.models import build_model
 from avepipe.timeline import CELL, PER_ROW
-from avepipe.train import make_checkpoint
 from tests.helpers import run_cli
 from tests.test_train import write_dataset
 
@@ -30,7 +38,7 @@ LENGTHS = {"sample_1s.mp4": 1, "fire2.mp4": 2, "chaplin.mp4": 9, "smpte-2997.mp4
            "big_buck_bunny_0_30.webm": 30, "trailer_bbb.mp4": 55}
 
 
-# ---- windows and spans (pure functions) -------------------------------------------------------------------------------
+# ---- windows and spans (pure functions) ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seconds", [1, 3, 9, 10, 11, 19, 20, 25, 30, 55, 596])
@@ -63,15 +71,17 @@ def test_overlapping_seconds_take_the_most_central_window():
 def test_merge_spans_and_parse_span():
     labels = ["background", "Dog", "Dog", "background", "Dog"]
     seconds = [SecondLabel(i, i + 1, lab, 0.5, 0.5, []) for i, lab in enumerate(labels)]
-    assert merge_spans(seconds) == [{"label": "background", "start": 0, "end": 1}, {"label": "Dog", "start": 1, "end": 3},
-                                    {"label": "background", "start": 3, "end": 4}, {"label": "Dog", "start": 4, "end": 5}]
+    assert merge_spans(seconds) == [
+        {"label": "background", "start": 0, "end": 1}, {"label": "Dog", "start": 1, "end": 3},
+        {"label": "background", "start": 3, "end": 4}, {"label": "Dog", "start": 4, "end": 5},
+    ]
     assert parse_span("3-6") == (3, 6)
     for bad in ("6-3", "3", "a-b", "-1-2"):
-        with pytest.raises(LocalizeError):
+        with pytest.raises(UsageError):
             parse_span(bad)
 
 
-# ---- the localizer on features ----------------------------------------------------------------------------------------
+# ---- the localizer on features ---------------------------------------------------------------------------------------
 
 SMALL = {"visual_dim": 512, "audio_dim": 128, "att_hidden": 32, "lstm_hidden": 16}
 
@@ -153,11 +163,11 @@ def test_cml_match_is_the_best_window_of_the_query_length(tmp_path, direction):
             out = localizer.model.forward_cml(v, a, torch.ones(1, 10, dtype=torch.bool), qmask, direction)
             scores.append(float(out["match_logits"][0, s - starts[w]]))
     assert matched[0] == max_contiguous_window(np.array(scores), 3)
-    with pytest.raises(LocalizeError):
+    with pytest.raises(UsageError):
         localizer.match(visual[:2], audio[:2], query)  # a query longer than the video
 
 
-# ---- end to end on real videos ----------------------------------------------------------------------------------------
+# ---- end to end on real videos ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

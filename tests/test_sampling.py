@@ -7,7 +7,7 @@ from avepipe.sampling import TooShortError, ave_frame_indices, frame_interval, w
 def spec_indices(n_frames: int, seconds: int) -> list[list[int]]:
     """The original AVE extraction loop, written out literally for 10-s clips."""
     interval = int(n_frames / seconds)
-    return [[int(l * interval + i / 16 * interval) for i in range(16)] for l in range(seconds)]
+    return [[int(s * interval + i / 16 * interval) for i in range(16)] for s in range(seconds)]
 
 
 @pytest.mark.parametrize("n_frames", [240, 241, 250, 251, 300, 160, 299])
@@ -18,7 +18,8 @@ def test_ten_second_clips_match_the_original_formula(n_frames):
 
 @pytest.mark.parametrize(
     "duration,seconds",
-    [(0.96, 1), (0.98, 1), (1.0, 1), (1.04, 1), (2.38, 2), (5.31, 5), (9.64, 9), (10.05, 10), (55.13, 55), (596.47, 596)],
+    [(0.96, 1), (0.98, 1), (1.0, 1), (1.04, 1), (2.38, 2), (5.31, 5), (9.64, 9), (10.05, 10), (55.13, 55),
+     (596.47, 596)],
 )
 def test_whole_seconds(duration, seconds):
     assert whole_seconds(duration) == seconds
@@ -35,7 +36,7 @@ def test_partial_last_second_uses_real_frame_rate():
     assert frame_interval(241, 9.64) == 25
     indices = ave_frame_indices(241, 9.64)
     assert indices.shape == (9, 16)
-    assert indices.tolist() == [[int(l * 25 + i / 16 * 25) for i in range(16)] for l in range(9)]
+    assert indices.tolist() == [[int(s * 25 + i / 16 * 25) for i in range(16)] for s in range(9)]
 
 
 @pytest.mark.parametrize("n_frames,duration", [(23, 1.04), (24, 1.0), (25, 2.38), (132, 5.31), (1323, 55.13), (7, 1.0)])

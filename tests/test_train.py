@@ -11,20 +11,23 @@ import pytest
 import torch
 
 from avepipe.cache import FeatureCache
+from avepipe.checkpoint import load_checkpoint
 from avepipe.data.synthetic import make_synthetic_ave
-from avepipe.train import DataPaths, TrainOptions, load_checkpoint, train
+from avepipe.train import DataPaths, TrainOptions, train
 from tests.helpers import run_cli
 
 CATEGORIES = ["Bell", "Dog", "Car"]
 
 
 def write_dataset(folder: Path, rows: dict[str, list[tuple[str, str, int, int]]]) -> Path:
-    """categories.txt, Annotations.txt (with header) and {split}Set.txt for hand-made rows (category, id, start, end)."""
+    """categories.txt, Annotations.txt (with header) and {split}Set.txt for hand-made rows (category, id, start,
+    end)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "categories.txt").write_text("\n".join(CATEGORIES) + "\n")
     lines = {split: [f"{c}&{vid}&good&{s}&{e}" for c, vid, s, e in items] for split, items in rows.items()}
     (folder / "Annotations.txt").write_text(
-        "Category&VideoID&Quality&StartTime&EndTime\n" + "\n".join(l for split in ("train", "val", "test") for l in lines[split]) + "\n")
+        "Category&VideoID&Quality&StartTime&EndTime\n"
+        + "\n".join(line for split in ("train", "val", "test") for line in lines[split]) + "\n")
     for split, split_lines in lines.items():
         (folder / f"{split}Set.txt").write_text("\n".join(split_lines) + "\n")
     return folder / "Annotations.txt"
@@ -50,7 +53,8 @@ def synthetic_run(tmp_path_factory):
 def test_resume_continues_exactly(tmp_path, synthetic_run):
     features, annotations = synthetic_run
     paths = DataPaths(str(features), str(annotations))
-    straight = train(TrainOptions("avel", "supervised", str(tmp_path / "a"), epochs=3, batch_size=8, device="cpu"), paths)
+    straight = train(TrainOptions("avel", "supervised", str(tmp_path / "a"), epochs=3, batch_size=8, device="cpu"),
+                     paths)
     train(TrainOptions("avel", "supervised", str(tmp_path / "b"), epochs=2, batch_size=8, device="cpu"), paths)
     resumed = train(TrainOptions("avel", "supervised", str(tmp_path / "b"), epochs=3, batch_size=8, device="cpu",
                                  resume=True), paths)
@@ -69,7 +73,8 @@ def test_checkpoint_is_chosen_on_val(tmp_path, synthetic_run):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["metrics"]["best_epoch"] == metrics["best_epoch"]
     assert ckpt["class_names"] == CATEGORIES + ["background"]
-    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) >= {"val_segment_accuracy", "test_segment_accuracy"}
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(written) >= {"val_segment_accuracy", "test_segment_accuracy"}
 
 
 def test_seeds_report_mean_and_std(tmp_path, synthetic_run):
@@ -175,7 +180,8 @@ def test_import_released_features(tmp_path, ave_dir):
         np.testing.assert_array_equal(entry.visual, visual[i])
         np.testing.assert_array_equal(entry.audio, audio[i])
     bad = run_cli("dataset", "import-ave", "--audio", tmp_path / "audio_feature.h5", "--visual",
-                  tmp_path / "visual_feature.h5", "--annotations", ave_dir / "Annotations.txt", "--out", tmp_path / "b.h5")
+                  tmp_path / "visual_feature.h5", "--annotations", ave_dir / "Annotations.txt",
+                  "--out", tmp_path / "b.h5")
     assert bad.returncode == 2 and "must match" in bad.stderr
 
 

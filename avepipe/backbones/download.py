@@ -22,9 +22,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
 
-from avepipe import __version__
 from avepipe.backbones.weights import (
-    WeightsError,
     actual_checksum,
     expected_checksum,
     file_digests,
@@ -34,6 +32,8 @@ from avepipe.backbones.weights import (
     record_unofficial,
     weights_dir,
 )
+from avepipe.errors import DownloadError, WeightsError
+from avepipe.version import __version__
 
 MIRROR_ENV = "AVEPIPE_WEIGHTS_MIRROR"
 CHUNK = 1 << 16
@@ -48,10 +48,6 @@ class Outcome:
     status: str  # downloaded | present | imported | failed
     message: str = ""
     official: bool = True
-
-
-class DownloadError(Exception):
-    """A download that cannot succeed now (HTTP 404, retries used up); the message is one line."""
 
 
 class _Retryable(Exception):
@@ -87,7 +83,8 @@ def download(names: list[str], directory: Optional[Path] = None, *, mirror: Opti
 def download_entry(name: str, entry: dict[str, Any], directory: Path, *, url: Optional[str] = None,
                    mirror: Optional[str] = None, progress: Optional[Progress] = None, force: bool = False,
                    retries: int = 3, timeout: float = 30.0, backoff: float = 1.0) -> Outcome:
-    """Download one entry (``file``, ``url``, a checksum: ``sha256`` / ``md5`` / ``sha256_prefix``, optional ``size``)."""
+    """Download one entry (``file``, ``url``, a checksum: ``sha256`` / ``md5`` / ``sha256_prefix``, optional
+    ``size``)."""
     report = progress or _no_progress
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,8 +133,8 @@ def _fetch(name: str, url: str, part: Path, size: Optional[int], report: Progres
             kept = part.stat().st_size if part.exists() else 0
             if failures > retries:
                 where = f"{kept} bytes kept in {part}, run again to resume" if kept else "nothing kept"
-                raise DownloadError(f"{part.name.removesuffix('.part')}: download failed after {failures} attempts: {exc} "
-                                    f"({where})") from None
+                raise DownloadError(f"{part.name.removesuffix('.part')}: download failed after {failures} attempts: "
+                                    f"{exc} ({where})") from None
             report("retry", {"name": name, "attempt": failures, "retries": retries, "message": str(exc)})
             time.sleep(backoff * failures)
 
@@ -239,7 +236,8 @@ def import_file(source: str | os.PathLike, name: Optional[str] = None, directory
         if name is None and force:
             name = next((key for key, entry in entries.items() if entry["file"] == source.name), None)
             if name is None:
-                raise WeightsError(f"{source}: matches no manifest entry (sha256 {sha}); say which it is with --as NAME")
+                raise WeightsError(f"{source}: matches no manifest entry (sha256 {sha}); "
+                                   "say which it is with --as NAME")
         if name is None:
             return Outcome("?", str(source), "failed",
                            f"{source} matches no manifest entry (sha256 {sha}); to use it anyway: --as NAME --force "
@@ -250,7 +248,8 @@ def import_file(source: str | os.PathLike, name: Optional[str] = None, directory
         if not official and not force:
             return Outcome(name, str(final), "failed",
                            f"{source} is not the official {name} file: expected {expected_checksum(entry)}, got "
-                           f"{actual_checksum(entry, md5, sha)}; use --force to import it anyway (recorded as unofficial)")
+                           f"{actual_checksum(entry, md5, sha)}; use --force to import it anyway "
+                           "(recorded as unofficial)")
         if not official:
             record_unofficial(directory, name, entry["file"], sha, source)  # before the rename: never unrecorded
         os.replace(tmp, final)
@@ -259,8 +258,8 @@ def import_file(source: str | os.PathLike, name: Optional[str] = None, directory
     if official:
         forget_unofficial(directory, name)
         return Outcome(name, str(final), "imported", f"verified {expected_checksum(entry)}")
-    return Outcome(name, str(final), "imported", f"UNOFFICIAL (sha256 {sha}), recorded in {directory / 'unofficial.json'}",
-                   official=False)
+    return Outcome(name, str(final), "imported",
+                   f"UNOFFICIAL (sha256 {sha}), recorded in {directory / 'unofficial.json'}", official=False)
 
 
 def _copy_hashing(source: Path, handle: int) -> tuple[str, str]:

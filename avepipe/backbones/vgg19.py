@@ -1,8 +1,8 @@
 """VGG-19 up to pool5, loaded from the Keras ImageNet weights (the visual backbone of the AVE features).
 
 The released AVE visual features are Keras VGG-19 ``block5_pool`` maps (7x7x512 per 224x224 frame) computed with Keras'
-"caffe" preprocessing. This module reproduces that network in torch: the weights are read from the Keras ``.h5`` file and
-the preprocessing runs inside :meth:`VGG19Pool5.forward`, so callers pass decoded RGB frames as they are.
+"caffe" preprocessing. This module reproduces that network in torch: the weights are read from the Keras ``.h5`` file
+and the preprocessing runs inside :meth:`VGG19Pool5.forward`, so callers pass decoded RGB frames as they are.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def keras_vgg19_state_dict(weights_path: str | Path) -> dict[str, torch.Tensor]:
                     f"{path}: layer {layer!r} has kernel {kernel.shape} / bias {bias.shape}, "
                     f"expected {(3, 3, cin, cout)} / {(cout,)}"
                 )
-            # Keras conv is cross-correlation like torch: only the axis order differs, (kh, kw, in, out) -> (out, in, kh, kw).
+            # Keras conv is cross-correlation like torch: only the axis order differs,
+            # (kh, kw, in, out) -> (out, in, kh, kw).
             weight = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1), dtype=np.float32)
             state[f"features.{layer}.weight"] = torch.from_numpy(weight)
             state[f"features.{layer}.bias"] = torch.from_numpy(bias.astype(np.float32))

@@ -13,9 +13,10 @@ import operator
 from pathlib import Path
 
 import numpy as np
-import resampy
 import torch
 from torch import nn
+
+from avepipe.backbones.resample import resample
 
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 400  # 25 ms
@@ -39,22 +40,27 @@ _IGNORED_PARTS = ("pproc",)  # torchvggish's full model also saves its PCA postp
 
 # -- frontend ----------------------------------------------------------------------------------------------------------
 
-def resample_to_16k(wave: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Mono waveform at ``sample_rate`` -> float32 mono at 16 kHz (resampy ``kaiser_best``, as VGGish does)."""
+def resample_to_16k(wave: np.ndarray, sample_rate: int, num_out: int | None = None) -> np.ndarray:
+    """Mono waveform at ``sample_rate`` -> float32 mono at 16 kHz (resampy ``kaiser_best``, as VGGish does).
+
+    The filter is :func:`avepipe.backbones.resample.resample`, resampy's to within 1e-6 but without numba. ``num_out``:
+    only the first ``num_out`` samples (the same values as those of the full output). Audio too short for one sample
+    at 16 kHz gives an empty array.
+    """
     wave = np.asarray(wave)
     if wave.ndim != 1:
         raise ValueError(f"expected a mono 1-D waveform, got shape {wave.shape}")
     sample_rate = operator.index(sample_rate)
     if sample_rate <= 0:
         raise ValueError(f"sample rate must be positive, got {sample_rate}")
+    if num_out is not None:
+        num_out = operator.index(num_out)
+        if num_out < 0:
+            raise ValueError(f"num_out must be >= 0, got {num_out}")
     if sample_rate == SAMPLE_RATE:
-        return wave.astype(np.float32, copy=False)
-    # resampy refuses inputs that would give no output sample; such audio is simply empty at 16 kHz.
-    if int(wave.shape[0] * SAMPLE_RATE / sample_rate) < 1:
-        return np.zeros(0, dtype=np.float32)
+        return wave[:num_out].astype(np.float32, copy=False)
     # float64 like upstream (which resamples wav / 32768.0); only the result is narrowed.
-    out = resampy.resample(wave.astype(np.float64), sample_rate, SAMPLE_RATE, filter="kaiser_best")
-    return out.astype(np.float32)
+    return resample(wave, sample_rate, SAMPLE_RATE, num_out=num_out).astype(np.float32)
 
 
 def _hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
@@ -110,18 +116,19 @@ def waveform_to_examples(
     ``num_examples=None``: every whole example the audio gives. ``num_examples=T``: exactly T; audio too short is
     zero-padded (at 16 kHz) to the minimum length for T examples, longer audio keeps its first T.
     """
-    wave16 = resample_to_16k(wave, sample_rate)
     padded_seconds = 0.0
-    if num_examples is not None:
+    if num_examples is None:
+        wave16 = resample_to_16k(wave, sample_rate)
+    else:
         num_examples = operator.index(num_examples)
         if num_examples < 0:
             raise ValueError(f"num_examples must be >= 0, got {num_examples}")
         needed = samples_for_examples(num_examples)
+        # Only the samples of T examples: the same values as the first ``needed`` of the full resampled audio.
+        wave16 = resample_to_16k(wave, sample_rate, num_out=needed)
         if wave16.shape[0] < needed:
             padded_seconds = (needed - wave16.shape[0]) / SAMPLE_RATE
             wave16 = np.concatenate([wave16, np.zeros(needed - wave16.shape[0], dtype=np.float32)])
-        else:
-            wave16 = wave16[:needed]  # keeps exactly T examples; later samples cannot reach them
     log_mel = log_mel_spectrogram(wave16)
     count = log_mel.shape[0] // EXAMPLE_FRAMES
     examples = log_mel[: count * EXAMPLE_FRAMES].reshape(count, EXAMPLE_FRAMES, NUM_BANDS)

@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from avepipe.errors import WeightsError
+
 RANDOM = "random"  # --vggish-weights random: deterministic random weights, for trying the pipeline only
 
 
@@ -91,10 +93,6 @@ def identify_tensors(key: str, label: str, state_dict: dict) -> WeightsInfo:
 # The weights folder: which manifest files are there, official or not, and the record of deliberate unofficial imports
 
 UNOFFICIAL_FILE = "unofficial.json"
-
-
-class WeightsError(Exception):
-    """Bad input to a weights command (unknown name, unreadable file or record); the message is one line."""
 
 
 def select_names(names: list[str] | None) -> list[str]:

@@ -4,9 +4,10 @@
 several rows). Every released per-video array (features, labels) is in Annotations order, so a row index into
 Annotations.txt is the common key: split files map to row indices, and ``labels_arrays`` is built in that order.
 
-Real-data quirk: the official Annotations.txt contains one row with an empty event (``Church bell&VWi2ENBuTbw&good&0&0``,
-line 28, row 26; it is in the SEL train split and the CML val split). ``read_annotations`` accepts empty events by
-default so the official file parses; such a row gets background on all ten seconds and its category as video label.
+Real-data quirk: the official Annotations.txt contains one row with an empty event
+(``Church bell&VWi2ENBuTbw&good&0&0``, line 28, row 26; it is in the SEL train split and the CML val split).
+``read_annotations`` accepts empty events by default so the official file parses; such a row gets background on all
+ten seconds and its category as video label.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
+
+from avepipe.errors import DataError
 
 NUM_CLASSES = 29
 BACKGROUND = 28
@@ -76,7 +79,7 @@ def _parse(
             if _is_header(fields):  # only the first non-blank line may be the header
                 continue
 
-        def fail(why: str) -> ValueError:
+        def fail(why: str, lineno: int = lineno, raw: str = raw) -> ValueError:
             return ValueError(f"{path}: line {lineno}: {why}: {raw!r}")
 
         if len(fields) != 5:
@@ -165,6 +168,19 @@ def write_labels_h5(
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def write_label_file(annotations_path: str | os.PathLike, categories_path: str | os.PathLike,
+                     out_path: str | os.PathLike) -> tuple[int, int]:
+    """``avepipe dataset labels``: the released label arrays of an annotation file; returns (rows, categories).
+    Unreadable or malformed inputs raise :class:`~avepipe.errors.DataError` naming the file (and line)."""
+    try:
+        names = read_categories(categories_path)
+        rows = read_annotations(annotations_path, names)
+        write_labels_h5(rows, names, out_path)
+    except (OSError, ValueError) as exc:
+        raise DataError(str(exc)) from None
+    return len(rows), len(names)
 
 
 def read_split_file(split_txt: str | os.PathLike, annotations: Sequence[Annotation]) -> np.ndarray:

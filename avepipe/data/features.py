@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from avepipe.cache import FeatureCache
+from avepipe.errors import DataError
 
 
-class MissingFeaturesError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class MissingFeaturesError(DataError):
+    """Annotated videos that have no features in the cache."""
 
 
 @dataclass
@@ -34,7 +34,8 @@ class FeatureTable:
         return torch.tensor([position[v] for v in video_ids], dtype=torch.long)
 
     def to(self, device: torch.device | str) -> "FeatureTable":
-        return FeatureTable(self.video_ids, self.visual.to(device), self.audio.to(device), self.mask.to(device), self.spec)
+        return FeatureTable(self.video_ids, self.visual.to(device), self.audio.to(device), self.mask.to(device),
+                            self.spec)
 
 
 def load_feature_table(cache_path: str | os.PathLike, video_ids: Sequence[str], seconds: int = 10,

@@ -10,6 +10,7 @@ import numpy as np
 
 from avepipe.cache import FeatureCache
 from avepipe.data.ave import read_annotations
+from avepipe.errors import DataError
 
 RELEASED_SPEC = {
     "spec_version": 1,
@@ -22,24 +23,32 @@ RELEASED_SPEC = {
 DATASET_KEY = "avadataset"
 
 
-class ImportError_(Exception):
-    """Released files that do not fit the annotations; ``str()`` is one line."""
+def _open_h5(path: str | os.PathLike) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open as HDF5 ({exc})") from None
 
 
 def import_released(audio_path: str | os.PathLike, visual_path: str | os.PathLike, annotations_path: str | os.PathLike,
                     out: str | os.PathLike) -> dict[str, int]:
-    """Rows are in Annotations order; rows of the same video share one cache entry (the first row's features)."""
-    annotations = read_annotations(annotations_path)
-    with h5py.File(audio_path, "r") as fa, h5py.File(visual_path, "r") as fv:
+    """Rows are in Annotations order; rows of the same video share one cache entry (the first row's features).
+
+    Files that cannot be read or do not fit the annotations raise :class:`DataError`; cache problems ``CacheError``."""
+    try:
+        annotations = read_annotations(annotations_path)
+    except (OSError, ValueError) as exc:  # unreadable file, malformed rows (avepipe.data.ave names file and line)
+        raise DataError(str(exc)) from None
+    with _open_h5(audio_path) as fa, _open_h5(visual_path) as fv:
         for path, f in ((audio_path, fa), (visual_path, fv)):
             if DATASET_KEY not in f:
-                raise ImportError_(f"{path}: no dataset {DATASET_KEY!r} (keys: {', '.join(f.keys())})")
+                raise DataError(f"{path}: no dataset {DATASET_KEY!r} (keys: {', '.join(f.keys())})")
         audio, visual = fa[DATASET_KEY], fv[DATASET_KEY]
         if audio.shape[0] != len(annotations) or visual.shape[0] != len(annotations):
-            raise ImportError_(f"{audio_path} has {audio.shape[0]} rows, {visual_path} {visual.shape[0]}, "
-                               f"{annotations_path} {len(annotations)}: they must match (Annotations order)")
+            raise DataError(f"{audio_path} has {audio.shape[0]} rows, {visual_path} {visual.shape[0]}, "
+                            f"{annotations_path} {len(annotations)}: they must match (Annotations order)")
         if audio.shape[1:] != (10, 128) or visual.shape[1:] != (10, 7, 7, 512):
-            raise ImportError_(f"unexpected shapes {audio.shape} / {visual.shape} (want [N,10,128] / [N,10,7,7,512])")
+            raise DataError(f"unexpected shapes {audio.shape} / {visual.shape} (want [N,10,128] / [N,10,7,7,512])")
         stats = {"rows": len(annotations), "videos": 0, "shared_rows": 0, "shared_rows_differing": 0}
         first_row: dict[str, int] = {}
         with FeatureCache(out, "a") as cache:

@@ -3,8 +3,9 @@
 Notation of the paper -> code (``docs/models.md``, section DAM, has the full mapping and every choice where the paper is
 silent):
 
-* local features ``f_t^A``, ``f_t^V``: ``audio_local`` / ``visual_local`` after the audio-guided visual attention (AVEL's
-  low-level structure: BiLSTMs for SEL; per-second MLP embeddings for CML, as AVEL's cross-modal matching network).
+* local features ``f_t^A``, ``f_t^V``: ``audio_local`` / ``visual_local`` after the audio-guided visual attention
+  (AVEL's low-level structure: BiLSTMs for SEL; per-second MLP embeddings for CML, as AVEL's cross-modal matching
+  network).
 * event-based global feature ``phi(S) = mean(self-att(F_E))`` (Eq. 1-4): ``GlobalEventEmbedding``.
 * cross-modal dual matching ``p_t^A = sigma(phi^V . f_t^A)``, ``p_t^V = sigma(phi^A . f_t^V)`` (Eq. 5-6), their average
   ``p_t`` (Eq. 7): ``forward``; CML uses one direction (the query's global feature against the candidate's locals).
@@ -23,6 +24,7 @@ from avepipe.models.layers import (
     AudioGuidedVisualAttention,
     MaskedLSTM,
     event_category_loss,
+    lengths_from_mask,
     masked_mean,
     per_video_mean,
     span_match_loss,
@@ -39,9 +41,9 @@ PAD_SCORE = -1e4
 class GlobalEventEmbedding(nn.Module):
     """phi(S) = mean(self-att(F)) over the given seconds (Eq. 1-4).
 
-    self-att is one Transformer encoder layer in the "default structure" of Vaswani et al. (multi-head scaled dot-product
-    attention with bias-free W_q, W_k, W_v, residual + LayerNorm, ReLU feed-forward, dropout); keys outside ``valid``
-    are masked out and only ``valid`` seconds enter the mean, so nothing outside ``valid`` reaches phi.
+    self-att is one Transformer encoder layer in the "default structure" of Vaswani et al. (multi-head scaled
+    dot-product attention with bias-free W_q, W_k, W_v, residual + LayerNorm, ReLU feed-forward, dropout); keys outside
+    ``valid`` are masked out and only ``valid`` seconds enter the mean, so nothing outside ``valid`` reaches phi.
     """
 
     def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float):
@@ -131,7 +133,8 @@ class DAM(nn.Module):
             dim = cml_dim
             self.audio_local = _embedding_mlp(audio_dim, cml_hidden, cml_dim)
             self.visual_local = _embedding_mlp(visual_dim, cml_hidden, cml_dim)
-        # One self-attention per modality: the paper writes one "self-att" in Eq. 3 and 4; separate weights are our pick.
+        # One self-attention per modality: the paper writes one "self-att" in Eq. 3 and 4; separate weights are our
+        # pick.
         self.audio_global = GlobalEventEmbedding(dim, heads, ff_mult * dim, dropout)
         self.visual_global = GlobalEventEmbedding(dim, heads, ff_mult * dim, dropout)
         if task == "supervised":
@@ -177,6 +180,7 @@ class DAM(nn.Module):
     ) -> dict[str, torch.Tensor]:
         if self.task != "cml":
             raise RuntimeError("this DAM was built for supervised; call forward")
+        lengths_from_mask(mask)  # a non-prefix mask fails here (the supervised path's MaskedLSTM checks it too)
         query = query_mask & mask
         if bool((query.sum(1) == 0).any()):
             raise ValueError("every video needs at least one query second")
@@ -213,6 +217,7 @@ class DAM(nn.Module):
             return span_match_loss(outputs["match_logits"], batch["target_mask"], mask)
         event = batch["event"].to(outputs["log_relevance"].dtype)
         relevance = -(event * outputs["log_relevance"] + (1 - event) * outputs["log_background"])
-        # Category CE only for videos that have an event (background-only videos have no category; relevance covers them).
+        # Category CE only for videos that have an event (background-only videos have no category; relevance covers
+        # them).
         category = event_category_loss(outputs["category_logits"], batch["video_label"])
         return self.lambda_category * category + (1 - self.lambda_category) * per_video_mean(relevance, mask)

@@ -188,8 +188,8 @@ class DMIN(nn.Module):
         bce = F.binary_cross_entropy_with_logits(outputs["relevance_logits"], event, reduction="none")
         relevance = per_video_mean(bce, batch["mask"])  # Eq. 15
         # Eq. 17: L_ero + lambda L_ecm (v_self, the UDL) + (1 - lambda) L_eco (F_o)
-        return relevance + lam * event_category_loss(outputs["visual_category_logits"], labels) + (1 - lam) * event_category_loss(
-            outputs["category_logits"], labels)
+        visual_category = event_category_loss(outputs["visual_category_logits"], labels)
+        return relevance + lam * visual_category + (1 - lam) * event_category_loss(outputs["category_logits"], labels)
 
     def predict(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         category = outputs["category_logits"].argmax(-1, keepdim=True)  # [B, 1]

@@ -19,7 +19,7 @@ from torch import nn
 
 from avepipe.models.layers import MaskedLSTM
 
-# ---- AGTA (Sec. IV-A) -------------------------------------------------------------------------------------------------
+# ---- AGTA (Sec. IV-A) ------------------------------------------------------------------------------------------------
 
 
 class ChannelAttention(nn.Module):

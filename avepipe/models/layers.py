@@ -54,7 +54,8 @@ def event_category_loss(category_logits: torch.Tensor, video_label: torch.Tensor
 
 
 def span_match_loss(match_logits: torch.Tensor, target_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CML loss: per-second BCE of the match logits [B, T] against the target span, ``per_video_mean`` over real seconds."""
+    """CML loss: per-second BCE of the match logits [B, T] against the target span, ``per_video_mean`` over real
+    seconds."""
     bce = F.binary_cross_entropy_with_logits(match_logits, target_mask.to(match_logits.dtype), reduction="none")
     return per_video_mean(bce, mask)
 

@@ -2,20 +2,23 @@
 
 The contract every model follows (the training loop, evaluate and localize rely on it):
 
-* ``__init__(self, task: str, **config)`` where ``task`` is one of ``supervised``, ``weak``, ``cml`` and ``config`` is the
-  model's entry of ``default_config`` (possibly overridden by the user).
+* ``__init__(self, task: str, **config)`` where ``task`` is one of ``supervised``, ``weak``, ``cml`` and ``config`` is
+  the model's entry of ``default_config`` (possibly overridden by the user).
 * ``forward(visual, audio, mask)`` for ``supervised`` / ``weak``: ``visual`` float [B, T, 7, 7, Dv] (channel-last pool5
-  maps), ``audio`` float [B, T, Da], ``mask`` bool [B, T] (True on real seconds; padded seconds must not influence the real
-  ones). Returns a dict with at least ``segment_logits`` [B, T, 29] (background is class 28); weak models also return
-  ``video_logits`` [B, 29] (MIL pooling over the real seconds).
+  maps), ``audio`` float [B, T, Da], ``mask`` bool [B, T] (True on real seconds, a prefix of each row: any other mask
+  raises ValueError; padded seconds must not influence the real ones). Returns a dict with at least
+  ``segment_logits`` [B, T, 29] (background is class 28); weak models also return ``video_logits`` [B, 29] (MIL
+  pooling over the real seconds).
 * ``forward_cml(visual, audio, mask, query_mask, direction)`` for ``cml``: ``query_mask`` bool [B, T] marks the event
   seconds of the query modality (audio for ``a2v``, visual for ``v2a``); only those seconds of the query modality may be
-  used. Returns a dict with ``match_logits`` [B, T]: per-second score that the candidate modality's second belongs to the
-  matching span; decoding (max contiguous sum of the query length) is in ``avepipe.metrics``.
+  used. Returns a dict with ``match_logits`` [B, T]: per-second score that the candidate modality's second belongs to
+  the matching span; decoding (max contiguous sum of the query length) is in ``avepipe.metrics``.
 * ``loss(outputs, batch, task) -> scalar tensor`` where ``batch`` holds ``labels`` long [B, T] (0..28), ``event`` float
   [B, T], ``video_label`` long [B] (category, 28 for background-only videos), ``mask`` bool [B, T] and, for cml,
   ``query_mask`` / ``target_mask`` bool [B, T].
 * ``predict(outputs, task)`` -> long [B, T] segment labels (supervised / weak).
+
+tests/models/test_contract.py checks the mask and gradient parts of this contract on every registered model.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from avepipe.errors import UsageError
 
 TASKS = ("supervised", "weak", "cml")
 
@@ -34,7 +39,8 @@ class ModelSpec:
     cls: type[torch.nn.Module]
     tasks: tuple[str, ...]
     paper: str
-    # {"model": {...constructor kwargs...}, "train": {"lr", "batch_size", "epochs", "optimizer", "lr_step", "lr_gamma", ...}}
+    # {"model": {...constructor kwargs...},
+    #  "train": {"lr", "batch_size", "epochs", "optimizer", "lr_step", "lr_gamma", ...}}
     default_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,9 +68,10 @@ def _load_all() -> None:
 
 
 def get_spec(name: str) -> ModelSpec:
+    """The registered model ``name``; :class:`~avepipe.errors.UsageError` (naming the known ones) for another name."""
     _load_all()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        raise UsageError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 

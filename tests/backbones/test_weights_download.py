@@ -326,7 +326,8 @@ def test_import_refuses_an_altered_file_unless_forced_and_records_it_as_unoffici
 
     result = run_cli("weights", "import", altered)  # matches nothing, and no --as
     assert result.returncode == 1
-    assert error_lines(result.stderr) == [f"error: {altered} matches no manifest entry (sha256 {sha256(altered_bytes)}); "
+    digest = sha256(altered_bytes)
+    assert error_lines(result.stderr) == [f"error: {altered} matches no manifest entry (sha256 {digest}); "
                                           "to use it anyway: --as NAME --force (recorded as unofficial)"]
     result = run_cli("weights", "import", altered, "--as", "vggish_pca")
     assert result.returncode == 1

@@ -41,7 +41,7 @@ def annotations(ave_dir: Path, categories: list[str]) -> list[Annotation]:
     return read_annotations(ave_dir / "Annotations.txt", categories)
 
 
-# --- annotations -------------------------------------------------------------------------------------------------------
+# --- annotations ------------------------------------------------------------------------------------------------------
 
 
 def test_real_annotation_counts(annotations: list[Annotation], categories: list[str]) -> None:
@@ -121,7 +121,7 @@ def test_max_end_and_allow_empty(tmp_path: Path) -> None:
         read_annotations(path, max_end=20, allow_empty=False)
 
 
-# --- labels ------------------------------------------------------------------------------------------------------------
+# --- labels -----------------------------------------------------------------------------------------------------------
 
 
 def _explicit_labels(annotations, categories):
@@ -178,7 +178,7 @@ def test_write_labels_h5_round_trip(annotations, categories, tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.h5"]  # no temporary file left behind
 
 
-# --- splits ------------------------------------------------------------------------------------------------------------
+# --- splits -----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -253,7 +253,7 @@ def test_load_split_rejects_bad_arguments_and_files(ave_dir: Path, tmp_path: Pat
         load_split("sel", "val", tmp_path)
 
 
-# --- noisy set ---------------------------------------------------------------------------------------------------------
+# --- noisy set --------------------------------------------------------------------------------------------------------
 
 
 def test_noisy_set(ave_dir: Path) -> None:

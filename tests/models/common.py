@@ -1,4 +1,5 @@
-"""Helpers shared by the model tests: small synthetic data, a plain training loop, held-out accuracy.
+"""Helpers shared by the model tests: small widths of every registered model, small synthetic data, a plain training
+loop, held-out accuracy.
 
 The synthetic task (avepipe.data.synthetic): an event second is one where audio and visual show the same class; one
 generator call is split into train / held-out so both share the class prototypes.
@@ -6,12 +7,69 @@ generator call is split into train / held-out so both share the class prototypes
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import pytest
 import torch
 
 from avepipe.data.synthetic import make_synthetic_ave
 from avepipe.metrics import cml_exact_match, cml_predict
+from avepipe.models.registry import build_model, get_spec, model_names
 
 VISUAL_DIM, AUDIO_DIM = 64, 32  # small widths keep the learning tests within ~30 s on 2 CPU cores
+
+# Small widths of every registered model (input widths VISUAL_DIM / AUDIO_DIM): the contract tests
+# (tests/models/test_contract.py) run each model and task at these; a new model adds its entry here.
+_DMIN_CML = {"visual_dim": 64, "audio_dim": 32, "model_dim": 32, "ff_dim": 64, "encoder_layers": 1}
+SMALL_CONFIGS: dict[str, dict[str, Any]] = {
+    "avel": {"visual_dim": 64, "audio_dim": 32, "att_hidden": 64, "lstm_hidden": 32},
+    "avsdn": {"visual_dim": 64, "audio_dim": 32, "att_hidden": 64},  # hidden stays at its default 128
+    "dam": {"visual_dim": 64, "audio_dim": 32, "att_hidden": 128, "lstm_hidden": 64, "cml_hidden": 64, "cml_dim": 32},
+    "m2n": {"visual_dim": 64, "audio_dim": 32, "att_hidden": 32, "att_dim": 16, "dim": 32, "heads": 4},
+    "dmin": {**_DMIN_CML, "channel_bottleneck": 16, "agta_dim": 16, "mfb_factor": 2, "agta_lstm_layers": 1},
+    "dcmr": _DMIN_CML,
+    "diia": {"visual_dim": 64, "audio_dim": 32, "channel_hidden": 64, "channel_bottleneck": 32, "spatial_hidden": 32,
+             "dim": 64, "heads": 4, "ff_dim": 128},
+}
+# Architecture switches the contract tests cover one by one (models not listed: their small config only).
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "avel": [{"fusion": "concat"}, {"fusion": "dmrn"}],
+    "avsdn": [{"visual_pool": "mean"}, {"visual_pool": "attention"}],
+    "diia": [{}, {"blocks": 2}],  # two blocks: the second block's input is the first one's output
+}
+
+
+def move_layernorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every LayerNorm a non-trivial affine, as training does.
+
+    DCMR's query is the channel mean of a LayerNorm output, which is exactly 0 at the standard init (gamma = 1,
+    beta = 0: sum_c x_hat_c = 0); until the affine moves, the query carries nothing (tests/models/test_dmin.py)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+# Done to a freshly built small model before a contract test (a model whose init hides a property under test).
+PREPARE: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {"dcmr": move_layernorms}
+
+
+def small_model(name: str, task: str, variant: dict[str, Any] | None = None, seed: int = 0) -> torch.nn.Module:
+    """Model ``name`` for ``task`` at its small widths (plus ``variant``), seeded, prepared (PREPARE)."""
+    torch.manual_seed(seed)
+    model = build_model(name, task, {**SMALL_CONFIGS[name], **(variant or {})})
+    return PREPARE.get(name, lambda m: m)(model)
+
+
+def contract_cases(*tasks: str) -> list:
+    """pytest params (model, task, variant) for every registered model, each of its tasks among ``tasks``, each of its
+    variants; ids read ``avel-weak-fusion=dmrn``."""
+    return [pytest.param(name, task, variant, id="-".join([name, task, *(f"{k}={v}" for k, v in variant.items())]))
+            for name in model_names() for task in get_spec(name).tasks if task in tasks
+            for variant in VARIANTS.get(name, [{}])]
 
 
 def small_data(n_videos: int, seed: int = 0, **kw) -> dict[str, torch.Tensor]:

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from avepipe.data.synthetic import make_synthetic_ave
+from avepipe.metrics import segment_accuracy as _segment_accuracy
 from avepipe.models.avel import AVEL
 from avepipe.models.layers import DMRN, MaskedLSTM, lengths_from_mask, masked_mean, mil_pool
-from avepipe.metrics import segment_accuracy as _segment_accuracy
 from avepipe.models.registry import build_model, get_spec, parameter_count
+from tests.models.common import SMALL_CONFIGS
 from tests.models.common import forward as _forward
 from tests.models.common import small_data as _small_data
 from tests.models.common import split as _split
 from tests.models.common import train as _train
 
-SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 64, "lstm_hidden": 32}
+SMALL = SMALL_CONFIGS["avel"]
 VARIANTS = [("supervised", "concat"), ("supervised", "dmrn"), ("weak", "concat"), ("weak", "dmrn")]
 
 
@@ -64,40 +65,7 @@ def test_attention_is_guided_by_audio():
     assert not torch.allclose(ref, other)
 
 
-# ---- masks -----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task,fusion", VARIANTS)
-def test_padding_does_not_change_real_seconds(task, fusion):
-    torch.manual_seed(0)
-    model = build_model("avel", task, {**SMALL, "fusion": fusion}).eval()
-    data = _small_data(3, max_event=5, seed=1)
-    mask = data["mask"].clone()
-    mask[0, 6:] = False
-    mask[2, 3:] = False
-    batch = {**data, "mask": mask}
-    out = _forward(model, batch)
-    changed = {k: v.clone() for k, v in batch.items()}
-    changed["visual"][~mask] = 100 * torch.randn_like(changed["visual"][~mask])
-    changed["audio"][~mask] = float("nan")
-    changed["labels"][~mask] = 3
-    out2 = _forward(model, changed)
-    torch.testing.assert_close(out2["segment_logits"][mask], out["segment_logits"][mask])
-    torch.testing.assert_close(model.loss(out2, changed, task), model.loss(out, batch, task))
-    if task == "weak":
-        torch.testing.assert_close(out2["video_logits"], out["video_logits"])
-    # ... and identical to running the real seconds on their own.
-    alone = model(data["visual"][2:, :3], data["audio"][2:, :3], data["mask"][2:, :3])
-    torch.testing.assert_close(alone["segment_logits"][0], out["segment_logits"][2, :3])
-
-
-def test_rejects_non_prefix_mask():
-    model = build_model("avel", "supervised", SMALL)
-    data = _small_data(1)
-    mask = data["mask"].clone()
-    mask[0, 4] = False
-    with pytest.raises(ValueError):
-        model(data["visual"], data["audio"], mask)
+# Masks (padding, prefix-only), CML query leakage and gradient flow: tests/models/test_contract.py, for every model.
 
 
 # ---- shared layers (avepipe.models.layers) ---------------------------------------------------------------------------
@@ -145,21 +113,6 @@ def test_dmrn_block_follows_the_residual_equations():
     torch.testing.assert_close(shared(audio, visual), torch.tanh(audio + merged) + torch.tanh(visual + merged))
     with pytest.raises(ValueError):
         DMRN(8, combine="max")
-
-
-# ---- gradient flow ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task,fusion", VARIANTS)
-def test_gradient_reaches_every_parameter(task, fusion):
-    torch.manual_seed(0)
-    model = build_model("avel", task, {**SMALL, "fusion": fusion})
-    data = _small_data(8, seed=2, background_videos=0.25)
-    data["mask"][1, 7:] = False
-    loss = model.loss(_forward(model, data), data, task)
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 # ---- learning --------------------------------------------------------------------------------------------------------

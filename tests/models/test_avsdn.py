@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from avepipe.data.synthetic import make_synthetic_ave
-from avepipe.models.avsdn import AVSDN
 from avepipe.metrics import segment_accuracy as _segment_accuracy
+from avepipe.models.avsdn import AVSDN
 from avepipe.models.registry import build_model, get_spec, parameter_count
+from tests.models.common import SMALL_CONFIGS
 from tests.models.common import forward as _forward
 from tests.models.common import small_data as _small_data
 from tests.models.common import split as _split
 from tests.models.common import train as _train
 
-SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 64}  # hidden stays at its default 128
+SMALL = SMALL_CONFIGS["avsdn"]  # hidden stays at its default 128
 VARIANTS = [("supervised", "mean"), ("supervised", "attention"), ("weak", "mean"), ("weak", "attention")]
 
 
@@ -68,56 +69,7 @@ def test_decoder_is_conditioned_on_the_whole_video():
     assert not torch.allclose(out[:, 0], ref[:, 0])
 
 
-# ---- masks -----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task,visual_pool", VARIANTS)
-def test_padding_does_not_change_real_seconds(task, visual_pool):
-    torch.manual_seed(0)
-    model = build_model("avsdn", task, {**SMALL, "visual_pool": visual_pool}).eval()
-    data = _small_data(3, max_event=5, seed=1)
-    mask = data["mask"].clone()
-    mask[0, 6:] = False
-    mask[2, 3:] = False
-    batch = {**data, "mask": mask}
-    out = _forward(model, batch)
-    changed = {k: v.clone() for k, v in batch.items()}
-    changed["visual"][~mask] = 100 * torch.randn_like(changed["visual"][~mask])
-    changed["audio"][~mask] = float("nan")
-    changed["labels"][~mask] = 3
-    out2 = _forward(model, changed)
-    torch.testing.assert_close(out2["segment_logits"][mask], out["segment_logits"][mask])
-    torch.testing.assert_close(model.loss(out2, changed, task), model.loss(out, batch, task))
-    if task == "weak":
-        torch.testing.assert_close(out2["video_logits"], out["video_logits"])
-    # ... and identical to running the real seconds on their own (the encoders' global state is taken at the last
-    # real second, not at the padded end).
-    alone = model(data["visual"][2:, :3], data["audio"][2:, :3], data["mask"][2:, :3])
-    torch.testing.assert_close(alone["segment_logits"][0], out["segment_logits"][2, :3])
-
-
-def test_rejects_non_prefix_mask():
-    model = build_model("avsdn", "supervised", SMALL)
-    data = _small_data(1)
-    mask = data["mask"].clone()
-    mask[0, 4] = False
-    with pytest.raises(ValueError):
-        model(data["visual"], data["audio"], mask)
-
-
-# ---- gradient flow ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task,visual_pool", VARIANTS)
-def test_gradient_reaches_every_parameter(task, visual_pool):
-    torch.manual_seed(0)
-    model = build_model("avsdn", task, {**SMALL, "visual_pool": visual_pool})
-    data = _small_data(8, seed=2, background_videos=0.25)
-    data["mask"][1, 7:] = False
-    loss = model.loss(_forward(model, data), data, task)
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+# Masks (padding, prefix-only), CML query leakage and gradient flow: tests/models/test_contract.py, for every model.
 
 
 # ---- learning --------------------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ from avepipe.data.synthetic import make_synthetic_ave
 from avepipe.metrics import segment_accuracy
 from avepipe.models.dam import BACKGROUND, DAM
 from avepipe.models.registry import build_model, get_spec, parameter_count
+from tests.models.common import SMALL_CONFIGS
 from tests.models.common import exact_match as _exact_match
-from tests.models.common import make_batch as _batch
 from tests.models.common import train as _train
 
 # Small widths keep the learning tests within ~30 s on 2 CPU cores.
-SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 128, "lstm_hidden": 64, "cml_hidden": 64, "cml_dim": 32}
+SMALL = SMALL_CONFIGS["dam"]
 
 
 def _synthetic(n_videos, *, visual_dim=512, audio_dim=128, **kwargs):
@@ -22,7 +22,7 @@ def _synthetic(n_videos, *, visual_dim=512, audio_dim=128, **kwargs):
     return make_synthetic_ave(n_videos, visual_dim=visual_dim, audio_dim=audio_dim, **kwargs)
 
 
-# ---- registry and shapes ----------------------------------------------------------------------------------------------
+# ---- registry and shapes ---------------------------------------------------------------------------------------------
 
 
 def test_registered_with_paper_defaults():
@@ -67,106 +67,15 @@ def test_predict_rule():
     assert model.predict(out, "supervised").tolist() == [[BACKGROUND, 7, 7]]
 
 
-# ---- masks and leakage ------------------------------------------------------------------------------------------------
+# Masks (padding, prefix-only), CML query leakage and gradient flow: tests/models/test_contract.py, for every model.
 
 
-def test_supervised_padding_does_not_change_real_seconds():
-    torch.manual_seed(0)
-    model = build_model("dam", "supervised", SMALL).eval()
-    data = _synthetic(3, seconds=10, visual_dim=64, audio_dim=32, max_event=6)
-    mask = data["mask"].clone()
-    mask[0, 6:] = False
-    mask[2, 3:] = False
-    out1 = model(data["visual"], data["audio"], mask)
-    visual, audio = data["visual"].clone(), data["audio"].clone()
-    visual[~mask] = float("nan")
-    audio[~mask] = float("inf")
-    out2 = model(visual, audio, mask)
-    for key in ("segment_logits", "category_logits"):
-        a, b = out1[key], out2[key]
-        if a.dim() == 3:
-            a, b = a[mask], b[mask]
-        torch.testing.assert_close(a, b)
-    # ... and equal to running the real seconds alone.
-    alone = model(data["visual"][2:, :3], data["audio"][2:, :3], data["mask"][2:, :3])
-    torch.testing.assert_close(alone["segment_logits"][0], out1["segment_logits"][2, :3])
+# ---- learning --------------------------------------------------------------------------------------------------------
 
 
-def test_supervised_rejects_non_prefix_mask():
-    model = build_model("dam", "supervised", SMALL)
-    data = _synthetic(1, visual_dim=64, audio_dim=32)
-    mask = data["mask"].clone()
-    mask[0, 2] = False
-    with pytest.raises(ValueError):
-        model(data["visual"], data["audio"], mask)
-
-
-@pytest.mark.parametrize("direction", ["a2v", "v2a"])
-def test_cml_query_modality_used_only_inside_query(direction):
-    torch.manual_seed(0)
-    model = build_model("dam", "cml", SMALL).eval()
-    data = _synthetic(4, visual_dim=64, audio_dim=32, min_event=2, max_event=6, seed=1)
-    query, mask = data["event"].bool(), data["mask"]
-    ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
-    visual, audio = data["visual"].clone(), data["audio"].clone()
-    if direction == "a2v":
-        audio[~query] = 10 * torch.randn_like(audio[~query])
-    else:
-        visual[~query] = 10 * torch.randn_like(visual[~query])
-    changed = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
-    torch.testing.assert_close(changed, ref)
-    # The query modality inside the query does matter (otherwise the check above would be vacuous).
-    if direction == "a2v":
-        audio[query] += 5 * torch.randn_like(audio[query])
-    else:
-        visual[query] += 5 * torch.randn_like(visual[query])
-    inside = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
-    assert not torch.allclose(inside, ref)
-
-
-def test_cml_padding_does_not_change_real_seconds():
-    torch.manual_seed(0)
-    model = build_model("dam", "cml", SMALL).eval()
-    data = _synthetic(2, visual_dim=64, audio_dim=32, min_event=2, max_event=4, seed=2)
-    mask = data["mask"].clone()
-    mask[:, 8:] = False
-    query = data["event"].bool() & mask
-    for direction in ("a2v", "v2a"):
-        ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
-        visual, audio = data["visual"].clone(), data["audio"].clone()
-        visual[:, 8:] = float("nan")
-        audio[:, 8:] = 7.0
-        out = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
-        torch.testing.assert_close(out[mask], ref[mask])
-        assert (out[~mask] < -1e3).all()  # padded seconds can never win a decoding window
-
-
-# ---- gradient flow ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task", ["supervised", "cml"])
-def test_gradient_reaches_every_parameter(task):
-    torch.manual_seed(0)
-    model = build_model("dam", task, SMALL)
-    data = _synthetic(4, visual_dim=64, audio_dim=32, min_event=2, max_event=8, seed=3)
-    b = _batch(data, torch.arange(4))
-    if task == "cml":
-        loss = sum(
-            model.loss(model.forward_cml(b["visual"], b["audio"], b["mask"], b["query_mask"], d), b, "cml")
-            for d in ("a2v", "v2a")
-        )
-    else:
-        loss = model.loss(model(b["visual"], b["audio"], b["mask"]), b, "supervised")
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-# ---- learning ---------------------------------------------------------------------------------------------------------
-
-
-# Synthetic AVE-like task (avepipe.data.synthetic): an event second is one where audio and visual show the video's class;
-# background seconds show other (mismatched) classes. Held-out data is the tail of the same call (same prototypes).
+# Synthetic AVE-like task (avepipe.data.synthetic): an event second is one where audio and visual show the video's
+# class; background seconds show other (mismatched) classes. Held-out data is the tail of the same call (same
+# prototypes).
 
 
 def test_learns_synthetic_supervised():

@@ -21,11 +21,11 @@ from avepipe.models.dmin_blocks import (
 )
 from avepipe.models.registry import build_model, get_spec, parameter_count
 from tests.models.common import (
-    assert_gradient_reaches_every_parameter,
-    batch_loss,
+    SMALL_CONFIGS,
     exact_match,
     forward,
     make_batch,
+    move_layernorms,
     segment_accuracy,
     small_data,
     split,
@@ -33,32 +33,17 @@ from tests.models.common import (
 )
 
 # Small widths for everything but the real-dims tests (the learning tests must stay within the CI budget).
-SMALL_CML = {"visual_dim": 64, "audio_dim": 32, "model_dim": 32, "ff_dim": 64, "encoder_layers": 1}
-SMALL = {**SMALL_CML, "channel_bottleneck": 16, "agta_dim": 16, "mfb_factor": 2, "agta_lstm_layers": 1}
-
-
-def _move_layernorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every LayerNorm a non-trivial affine, as training does.
-
-    DCMR's query is the channel mean of a LayerNorm output, which is exactly 0 at the standard init (gamma = 1,
-    beta = 0: sum_c x_hat_c = 0); until the affine moves, the query carries nothing (test below)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
-    return model
+SMALL_CML, SMALL = SMALL_CONFIGS["dcmr"], SMALL_CONFIGS["dmin"]
 
 
 @pytest.fixture(scope="module")
 def real_models():
     torch.manual_seed(0)
     return {task: build_model("dmin", task).eval() for task in ("supervised", "weak")} | {
-        "cml": _move_layernorms(build_model("dcmr", "cml")).eval()}
+        "cml": move_layernorms(build_model("dcmr", "cml")).eval()}
 
 
-# ---- registry and shapes ----------------------------------------------------------------------------------------------
+# ---- registry and shapes ---------------------------------------------------------------------------------------------
 
 
 def test_registered_with_paper_defaults():
@@ -114,7 +99,7 @@ def test_predict_rule():
     assert model.predict(out, "supervised").tolist() == [[BACKGROUND, 7, 7]]  # s_t >= 0.5 -> category
 
 
-# ---- equation blocks against slow references --------------------------------------------------------------------------
+# ---- equation blocks against slow references -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
@@ -239,7 +224,7 @@ def test_sliding_weights_equal_explicit_windows():
 def test_dcmr_scores_are_the_mean_of_per_window_scores():
     # The whole Eq. 19 path: match_logits[t] = mean over windows k covering t of FC(q_{t-k} * candidate_t).
     torch.manual_seed(0)
-    model = _move_layernorms(build_model("dcmr", "cml", SMALL_CML)).double().eval()
+    model = move_layernorms(build_model("dcmr", "cml", SMALL_CML)).double().eval()
     data = small_data(3, seed=4, min_event=2, max_event=5)
     mask = data["mask"].clone()
     mask[1, 8:] = False
@@ -325,98 +310,13 @@ def test_weak_mil_pooling_and_loss_equal_hand_computation():
     assert model.loss(out, batch, "weak").item() == pytest.approx(expected, rel=1e-5)
 
 
-# ---- masks and leakage ------------------------------------------------------------------------------------------------
+# Masks (padding, prefix-only), CML query leakage and gradient flow: tests/models/test_contract.py, for every model.
 
 
-@pytest.mark.parametrize("task", ["supervised", "weak"])
-def test_padding_does_not_change_real_seconds(task):
-    torch.manual_seed(0)
-    model = build_model("dmin", task, SMALL).eval()
-    data = small_data(3, seed=1, max_event=5, background_videos=0.3)
-    mask = data["mask"].clone()
-    mask[0, 6:] = False
-    mask[2, 3:] = False
-    batch = {**data, "mask": mask}
-    out = forward(model, batch, task)
-    changed = {k: v.clone() for k, v in batch.items()}
-    changed["visual"][~mask] = float("nan")
-    changed["audio"][~mask] = float("inf")
-    changed["labels"][~mask] = 3
-    changed["event"][~mask] = 1.0
-    out2 = forward(model, changed, task)
-    torch.testing.assert_close(out2["segment_logits"][mask], out["segment_logits"][mask])
-    torch.testing.assert_close(out2["category_logits"], out["category_logits"])
-    torch.testing.assert_close(model.loss(out2, changed, task), model.loss(out, batch, task))
-    if task == "weak":
-        torch.testing.assert_close(out2["video_logits"], out["video_logits"])
-    # ... and equal to running the real seconds alone.
-    alone = model(data["visual"][2:, :3], data["audio"][2:, :3], data["mask"][2:, :3])
-    torch.testing.assert_close(alone["segment_logits"][0], out["segment_logits"][2, :3])
-
-
-def test_rejects_non_prefix_mask():
-    data = small_data(1, seed=2, min_event=2, max_event=4)
-    mask = data["mask"].clone()
-    mask[0, 4] = False
-    with pytest.raises(ValueError):
-        build_model("dmin", "supervised", SMALL)(data["visual"], data["audio"], mask)
-    with pytest.raises(ValueError):
-        build_model("dcmr", "cml", SMALL_CML).forward_cml(data["visual"], data["audio"], mask,
-                                                          data["event"].bool() & mask, "a2v")
-
-
-@pytest.mark.parametrize("direction", ["a2v", "v2a"])
-def test_cml_query_modality_used_only_inside_query(direction):
-    torch.manual_seed(0)
-    model = _move_layernorms(build_model("dcmr", "cml", SMALL_CML)).eval()
-    data = small_data(4, seed=1, min_event=2, max_event=6)
-    query, mask = data["event"].bool(), data["mask"]
-    ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
-    visual, audio = data["visual"].clone(), data["audio"].clone()
-    changed = audio if direction == "a2v" else visual
-    changed[~query] = 10 * torch.randn_like(changed[~query])
-    torch.testing.assert_close(model.forward_cml(visual, audio, mask, query, direction)["match_logits"], ref)
-    # The query modality inside the query does matter (otherwise the check above would be vacuous).
-    changed[query] += 5 * torch.randn_like(changed[query])
-    assert not torch.allclose(model.forward_cml(visual, audio, mask, query, direction)["match_logits"], ref)
-
-
-def test_cml_padding_does_not_change_real_seconds():
-    torch.manual_seed(0)
-    model = _move_layernorms(build_model("dcmr", "cml", SMALL_CML)).eval()
-    data = small_data(2, seed=2, min_event=2, max_event=4)
-    mask = data["mask"].clone()
-    mask[:, 8:] = False
-    query = data["event"].bool() & mask
-    for direction in ("a2v", "v2a"):
-        ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
-        visual, audio = data["visual"].clone(), data["audio"].clone()
-        visual[:, 8:] = float("nan")
-        audio[:, 8:] = float("inf")
-        out = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
-        torch.testing.assert_close(out[mask], ref[mask])
-        assert (out[~mask] < -1e3).all()  # padded seconds can never win a decoding window
-
-
-# ---- gradient flow ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task", ["supervised", "weak", "cml"])
-def test_gradient_reaches_every_parameter(task):
-    torch.manual_seed(0)
-    if task == "cml":
-        model = _move_layernorms(build_model("dcmr", task, SMALL_CML))  # at gamma = 1, beta = 0 the query is 0
-    else:
-        model = build_model("dmin", task, SMALL)
-    data = small_data(6, seed=3, min_event=2, max_event=8, background_videos=0.3 if task == "weak" else 0.0)
-    data["mask"][1, 7:] = False
-    assert_gradient_reaches_every_parameter(model, batch_loss(model, make_batch(data, slice(None)), task))
-
-
-# ---- learning ---------------------------------------------------------------------------------------------------------
-# Synthetic AVE-like task (avepipe.data.synthetic): an event second is one where audio and visual show the video's class.
-# The paper's lr (5e-5) is for the real features over 200 epochs; these few-epoch runs use Adam at 3e-3, halved as in
-# the paper's schedule. Maps are 4x4 (the class sits in 2-4 of 16 cells) to keep AGTA's per-position BiLSTM cheap.
+# ---- learning --------------------------------------------------------------------------------------------------------
+# Synthetic AVE-like task (avepipe.data.synthetic): an event second is one where audio and visual show the video's
+# class. The paper's lr (5e-5) is for the real features over 200 epochs; these few-epoch runs use Adam at 3e-3, halved
+# as in the paper's schedule. Maps are 4x4 (the class sits in 2-4 of 16 cells) to keep AGTA's per-position BiLSTM cheap.
 
 
 def _train_halving(model, data, task: str, epochs: tuple[int, ...], lr: float = 3e-3) -> None:
@@ -435,8 +335,9 @@ def test_learns_synthetic_supervised():
 
 
 def test_learns_synthetic_weak_from_video_labels_only():
-    # Many videos, few epochs: under video labels the longer a model trains on few videos, the more it marks whole event
-    # videos as event (nothing in the MIL objective forbids it); 3,600 videos x 3 epochs localizes better than 1,500 x 8.
+    # Many videos, few epochs: under video labels the longer a model trains on few videos, the more it marks whole
+    # event videos as event (nothing in the MIL objective forbids it); 3,600 videos x 3 epochs localizes better than
+    # 1,500 x 8.
     train_set, test_set = split(small_data(3900, seed=11, min_event=2, background_videos=0.3, spatial=4), 3600)
     train_set["labels"] = torch.full_like(train_set["labels"], -100)  # the weak loss must not need per-second labels
     train_set["event"] = torch.full_like(train_set["event"], float("nan"))

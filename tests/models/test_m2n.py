@@ -12,7 +12,6 @@ from avepipe.models.m2n import (
     BACKGROUND,
     M2N,
     NORM_EPS,
-    PAD_SCORE,
     ModulatedNormalization,
     MultiAlignmentModulation,
     MultiHeadAttention,
@@ -20,8 +19,7 @@ from avepipe.models.m2n import (
 )
 from avepipe.models.registry import build_model, get_spec, parameter_count
 from tests.models.common import (
-    assert_gradient_reaches_every_parameter,
-    batch_loss,
+    SMALL_CONFIGS,
     exact_match,
     forward,
     make_batch,
@@ -33,7 +31,7 @@ from tests.models.common import (
 
 # Small widths for everything but the real-dimension shape and parameter-count tests (the attention's sizes are cut too:
 # at these widths it is the costliest block per video).
-SMALL = {"visual_dim": 64, "audio_dim": 32, "att_hidden": 32, "att_dim": 16, "dim": 32, "heads": 4}
+SMALL = SMALL_CONFIGS["m2n"]
 TINY = {"visual_dim": 12, "audio_dim": 6, "att_hidden": 8, "att_dim": 5, "dim": 8, "heads": 2}
 
 
@@ -387,93 +385,7 @@ def test_cml_a2v_equals_feeding_the_mean_query_audio():
     torch.testing.assert_close(everywhere, ref, rtol=1e-4, atol=1e-5)
 
 
-# ---- masks and leakage ----------------------------------------------------------------------------------------------
-
-
-def test_supervised_padding_does_not_change_real_seconds():
-    torch.manual_seed(0)
-    model = build_model("m2n", "supervised", SMALL).eval()
-    data = small_data(3, seed=9, max_event=6)
-    mask = _prefix_mask([6, 10, 3], 10)
-    with torch.no_grad():
-        out1 = model(data["visual"], data["audio"], mask)
-        visual, audio = data["visual"].clone(), data["audio"].clone()
-        visual[~mask] = float("nan")
-        audio[~mask] = float("inf")
-        out2 = model(visual, audio, mask)
-        # ... and equal to running the real seconds alone (a 3-second video: a 3 x 3 proposal map).
-        alone = model(data["visual"][2:, :3], data["audio"][2:, :3], mask[2:, :3])
-    torch.testing.assert_close(out1["segment_logits"][mask], out2["segment_logits"][mask])
-    torch.testing.assert_close(out1["category_logits"], out2["category_logits"])
-    torch.testing.assert_close(alone["segment_logits"][0], out1["segment_logits"][2, :3], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(alone["category_logits"][0], out1["category_logits"][2], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("task", ["supervised", "cml"])
-def test_rejects_non_prefix_mask(task):
-    model = build_model("m2n", task, SMALL)
-    data = small_data(1, min_event=2, max_event=2)
-    mask = data["mask"].clone()
-    mask[0, 2] = False
-    with pytest.raises(ValueError):
-        if task == "cml":
-            model.forward_cml(data["visual"], data["audio"], mask, data["event"].bool() & mask, "a2v")
-        else:
-            model(data["visual"], data["audio"], mask)
-
-
-@pytest.mark.parametrize("direction", ["a2v", "v2a"])
-def test_cml_query_modality_used_only_inside_query(direction):
-    torch.manual_seed(0)
-    model = build_model("m2n", "cml", SMALL).eval()
-    data = small_data(4, min_event=2, max_event=6, seed=1)
-    query, mask = data["event"].bool(), data["mask"]
-    ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
-    visual, audio = data["visual"].clone(), data["audio"].clone()
-    if direction == "a2v":
-        audio[~query] = 10 * torch.randn_like(audio[~query])
-    else:
-        visual[~query] = 10 * torch.randn_like(visual[~query])
-    changed = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
-    torch.testing.assert_close(changed, ref)
-    # The query modality inside the query does matter (otherwise the check above would be vacuous).
-    if direction == "a2v":
-        audio[query] += 5 * torch.randn_like(audio[query])
-    else:
-        visual[query] += 5 * torch.randn_like(visual[query])
-    inside = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
-    assert not torch.allclose(inside, ref)
-
-
-def test_cml_padding_does_not_change_real_seconds():
-    torch.manual_seed(0)
-    model = build_model("m2n", "cml", SMALL).eval()
-    data = small_data(2, min_event=2, max_event=4, seed=2)
-    mask = data["mask"].clone()
-    mask[:, 8:] = False
-    query = data["event"].bool() & mask
-    for direction in ("a2v", "v2a"):
-        ref = model.forward_cml(data["visual"], data["audio"], mask, query, direction)["match_logits"]
-        visual, audio = data["visual"].clone(), data["audio"].clone()
-        visual[:, 8:] = float("nan")
-        audio[:, 8:] = float("inf")
-        out = model.forward_cml(visual, audio, mask, query, direction)["match_logits"]
-        torch.testing.assert_close(out[mask], ref[mask])
-        assert (out[~mask] == PAD_SCORE).all()  # padded seconds can never win a decoding window
-
-
-# ---- gradient flow --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task", ["supervised", "cml"])
-def test_gradient_reaches_every_parameter(task):
-    torch.manual_seed(0)
-    model = build_model("m2n", task, SMALL)
-    data = small_data(4, min_event=2, max_event=8, seed=3)
-    batch = make_batch(data, slice(None))
-    batch["mask"] = _prefix_mask([10, 9, 6, 4], 10)
-    batch["query_mask"] = batch["target_mask"] = batch["query_mask"] & batch["mask"]
-    assert_gradient_reaches_every_parameter(model, batch_loss(model, batch, task))
+# Masks (padding, prefix-only), CML query leakage and gradient flow: tests/models/test_contract.py, for every model.
 
 
 # ---- learning -------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import avepipe.models as models
+from avepipe.errors import UsageError
 from avepipe.models.registry import TASKS, build_model, get_spec, model_names, parameter_count
 
 B, T = 2, 10
@@ -31,7 +32,7 @@ def test_package_exports_and_registers():
 
 
 def test_unknown_model_and_task():
-    with pytest.raises(KeyError):
+    with pytest.raises(UsageError, match="unknown model 'no-such-model'; known: avel"):
         get_spec("no-such-model")
     with pytest.raises(ValueError):
         build_model("avel", "cml")

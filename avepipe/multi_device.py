@@ -27,11 +27,14 @@ from typing import Any
 
 import torch
 
-from avepipe import media
-from avepipe.cache import CacheError, FeatureCache, SpecMismatchError, describe_spec_difference
+from avepipe.backbones.extractor import resolve_precision
+from avepipe.cache import FeatureCache, describe_spec_difference
+from avepipe.decode import exit_with_parent
 from avepipe.devices import resolve_device
-from avepipe.extract import (ExtractConfig, ExtractReport, Progress, UsageError, _exit_with_parent, assign_ids, plan,
-                             resolve_precision, run_extract, shard_of)
+from avepipe.errors import AvepipeError, SpecMismatchError, UsageError
+from avepipe.extract import ExtractReport, Progress, plan, run_extract
+from avepipe.inputs import assign_ids, shard_of
+from avepipe.settings import SAMPLING_MODES, ExtractConfig
 
 
 @dataclass
@@ -44,6 +47,18 @@ class DeviceResult:
     failed: int = 0
     elapsed_s: float = 0.0
     error: str | None = None  # the device process stopped early: its unfinished videos are extracted by a re-run
+
+
+@dataclass
+class DeviceMessage:
+    """From a device process to the coordinator."""
+
+    kind: str  # "event" (progress), "report" (finished), "usage" (refused its work), "interrupted", "error"
+    device: int  # index of the device process
+    event: str = ""  # kind "event": the progress event's name ...
+    fields: dict[str, Any] = field(default_factory=dict)  # ... and its fields
+    report: ExtractReport | None = None  # kind "report"
+    text: str = ""  # kinds "usage", "interrupted", "error": one line
 
 
 @dataclass
@@ -119,11 +134,11 @@ def fold(target: FeatureCache, sources: list[Path]) -> int:
 # -- one device (a spawned process) ----------------------------------------------------------------------------------
 
 def _device_main(index: int, paths: list[str], cache_path: str, config: ExtractConfig, threads: int | None,
-                 events: "mp.Queue") -> None:
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+                 events: mp.Queue) -> None:
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
     def forward(event: str, fields: dict[str, Any]) -> None:
-        events.put(("event", index, event, fields))
+        events.put(DeviceMessage("event", index, event=event, fields=fields))
 
     try:
         if threads:
@@ -133,22 +148,23 @@ def _device_main(index: int, paths: list[str], cache_path: str, config: ExtractC
             # Work that names no device (pinned host memory) would otherwise open a context on cuda:0 in every process.
             torch.cuda.set_device(device)
         report = run_extract([Path(p) for p in paths], cache_path, config, forward)
-        events.put(("report", index, report))
-    except (UsageError, CacheError) as exc:
-        events.put(("usage", index, str(exc)))
+        events.put(DeviceMessage("report", index, report=report))
+    except AvepipeError as exc:
+        events.put(DeviceMessage("usage", index, text=str(exc)))
     except KeyboardInterrupt:
-        events.put(("interrupted", index, "interrupted"))
+        events.put(DeviceMessage("interrupted", index, text="interrupted"))
     except Exception as exc:  # noqa: BLE001 - reported as this device's failure; the other devices go on
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        events.put(("error", index, f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"))
+        events.put(DeviceMessage("error", index,
+                                 text=f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"))
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 def check_devices(names: list[str], config: ExtractConfig) -> None:
     """Everything that can be refused before any process starts."""
-    if config.sampling not in media.SAMPLING_MODES:
-        raise UsageError(f"--sampling {config.sampling}: choose one of {', '.join(media.SAMPLING_MODES)}")
+    if config.sampling not in SAMPLING_MODES:
+        raise UsageError(f"--sampling {config.sampling}: choose one of {', '.join(SAMPLING_MODES)}")
     for name in names:
         try:
             device = resolve_device(name)
@@ -169,7 +185,7 @@ def run_multi_device(paths: list[Path], cache_path: str | os.PathLike, names: li
     n = len(names)
     cpus = os.cpu_count() or 1
     cpu_devices = sum(resolve_device(name).type == "cpu" for name in names)
-    workers = config.workers if config.workers >= 0 else max(1, min(8, cpus // n))  # decoders per device
+    workers = config.workers if config.workers >= 0 else max(1, cpus // n)  # decoders per device
     report = MultiDeviceReport()
     started = time.perf_counter()
     target_path = Path(cache_path)
@@ -221,32 +237,32 @@ def run_device_processes(jobs: list[tuple], report: MultiDeviceReport, emit: Pro
     refused: list[str] = []
     seen_warnings: set[str] = set()
 
-    def handle(message: tuple) -> None:
-        kind, k = message[0], message[1]
+    def handle(message: DeviceMessage) -> None:
+        kind, k = message.kind, message.device
         result = report.devices[k]
         label = f"{result.device} (shard {k}/{result.shards})"
         if kind == "event":
-            event, fields = message[2], message[3]
+            event, fields = message.event, message.fields
             if event == "warning" and fields["message"] not in seen_warnings:
                 seen_warnings.add(fields["message"])
                 report.warnings.append(fields["message"])
                 emit(event, fields)
-            elif event == "video":
+            elif event in ("video", "seconds"):
                 emit(event, fields)
             return
         pending.discard(k)
         if kind == "report":
-            part: ExtractReport = message[2]
+            part = message.report
             report.done += part.done
             report.failed.update(part.failed)
             report.previously_failed.update(part.previously_failed)
             report.seconds_of_video += part.seconds_of_video
             result.done, result.failed, result.elapsed_s = len(part.done), len(part.failed), part.elapsed_s
         elif kind == "usage":
-            refused.append(f"{label}: {message[2]}")
-            result.error = message[2]
+            refused.append(f"{label}: {message.text}")
+            result.error = message.text
         else:
-            result.error = message[2]
+            result.error = message.text
 
     try:
         while pending:

@@ -14,7 +14,7 @@ import torch
 
 from avepipe.cache import FeatureCache
 from avepipe.extract import ExtractConfig, UsageError
-from avepipe.scale import DeviceResult, MultiDeviceReport, check_devices, parse_devices, run_device_processes
+from avepipe.multi_device import DeviceResult, MultiDeviceReport, check_devices, parse_devices, run_device_processes
 from tests.conftest import REAL_CACHE_VIDEOS
 from tests.helpers import run_cli
 

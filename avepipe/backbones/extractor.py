@@ -1,0 +1,195 @@
+"""VGG-19 and VGGish on one device, with the identity of their weights: loaded once, used for every video.
+
+The feature spec recorded in a cache (:meth:`Backbones.spec`) names the sampling, the layers and the weights' checksums;
+a cache refuses a run whose spec differs. :meth:`Backbones.visual_async` is the GPU path of ``extract``: uint8 frames
+from a pinned host buffer go to the device without blocking, and the per-second features come back into pinned host
+memory without a synchronising ``.cpu()``; the caller waits on the returned handle only when it needs the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avepipe.backbones import vggish as vggish_mod
+from avepipe.backbones import weights as weights_mod
+from avepipe.backbones.vgg19 import load_vgg19
+from avepipe.errors import UsageError, WeightsError
+from avepipe.sampling import FRAMES_PER_SECOND
+from avepipe.settings import BackboneConfig
+from avepipe.version import __version__
+
+SPEC_VERSION = 1
+POOL5_SHAPE = (7, 7, 512)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise UsageError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device")
+    return table[precision]
+
+
+@dataclass
+class VisualResult:
+    """Features of one submitted batch; ``get()`` waits for the device only when called."""
+
+    features: torch.Tensor  # [k, 7, 7, 512] float32, host (pinned on CUDA)
+    done: Any = None  # a CUDA event, None on the CPU
+
+    def get(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.features.numpy()
+
+
+class Backbones:
+    """VGG-19 and VGGish on one device, with the weights' identities."""
+
+    def __init__(self, config: BackboneConfig, device: torch.device, visual: bool = True):
+        self.device = device
+        self.config = config
+        self.autocast = resolve_precision(config.precision, device)
+        self.vggish, self.vggish_info, self.pca_info = self._load_vggish(config, device)
+        self.vggish.eval()
+        if not visual:  # audio only (a CML audio query): VGG-19 is not loaded at all
+            self.vgg19, self.vgg19_info = None, None
+            return
+        if config.vgg19_weights == weights_mod.RANDOM:  # benchmarks only: speed does not depend on the values
+            torch.manual_seed(0)
+            self.vgg19 = load_vgg19(None, map_location=device)
+            self.vgg19_info = weights_mod.identify_tensors("vgg19", weights_mod.RANDOM, self.vgg19.state_dict())
+        else:
+            vgg_path = Path(config.vgg19_weights) if config.vgg19_weights else weights_mod.default_path("vgg19")
+            if not vgg_path.is_file():
+                raise WeightsError(f"{vgg_path}: VGG-19 weights not found "
+                                   f"(run `avepipe weights download` or pass --vgg19-weights)")
+            self.vgg19_info = weights_mod.identify("vgg19", vgg_path)
+            try:
+                self.vgg19 = load_vgg19(vgg_path, map_location=device)
+            except ValueError as exc:  # the loader's format checks
+                raise WeightsError(str(exc)) from None
+        if device.type == "cuda":
+            self.vgg19 = self.vgg19.to(memory_format=torch.channels_last)
+        self.vgg19.eval()
+
+    @staticmethod
+    def _load_vggish(config: BackboneConfig, device: torch.device):
+        pca = None
+        pca_info = None
+        if config.pca:
+            pca_path = Path(config.pca_params) if config.pca_params else weights_mod.default_path("vggish_pca")
+            if not pca_path.is_file():
+                raise WeightsError(f"{pca_path}: VGGish PCA parameters not found (pass --pca-params)")
+            pca_info = weights_mod.identify("vggish_pca", pca_path)
+            pca = pca_path
+        choice = config.vggish_weights
+        if choice == weights_mod.RANDOM:
+            state = vggish_mod.make_vggish_state_dict(seed=0)
+            info = weights_mod.identify_tensors("vggish", weights_mod.RANDOM, state)
+            model = vggish_mod.load_vggish(None, pca)
+            model.load_state_dict(state, strict=False)
+        else:
+            path = Path(choice) if choice else weights_mod.default_path("vggish")
+            if not path.is_file():
+                raise WeightsError(
+                    f"{path}: VGGish weights not found (run `avepipe weights download`, pass --vggish-weights FILE, "
+                    f"or --vggish-weights random to try the pipeline with features that are NOT the published ones)"
+                )
+            info = weights_mod.identify("vggish", path)
+            try:
+                model = vggish_mod.load_vggish(path, pca)
+            except ValueError as exc:
+                raise WeightsError(str(exc)) from None
+        return model.to(device), info, pca_info
+
+    def warnings(self) -> list[str]:
+        out = []
+        if not self.vggish_info.official:
+            out.append(
+                f"VGGish weights {self.vggish_info.path} are not the official torchvggish file "
+                f"(sha256 {self.vggish_info.sha256[:12]}…): the audio features are NOT the published AVE features"
+            )
+        if self.vgg19_info is not None and not self.vgg19_info.official:
+            out.append(
+                f"VGG-19 weights {self.vgg19_info.path} are not the official Keras file: "
+                f"the visual features are NOT the published AVE features"
+            )
+        return out
+
+    def spec(self, sampling: str) -> dict[str, Any]:
+        return {
+            "spec_version": SPEC_VERSION,
+            "sampling": sampling,
+            "visual": "vgg19-keras-imagenet/block5_pool/mean-of-16",
+            "audio": "vggish/pca-uint8" if self.config.pca else "vggish/fc2-relu",
+            "vgg19_sha256": self.vgg19_info.sha256,
+            "vggish_sha256": self.vggish_info.sha256,
+        }
+
+    def entry_attrs(self, sampling: str) -> dict[str, Any]:
+        attrs = {
+            "sampling": sampling, "spec_version": SPEC_VERSION,
+            "vgg19_weights": self.vgg19_info.path, "vgg19_sha256": self.vgg19_info.sha256,
+            "vgg19_official": self.vgg19_info.official,
+            "vggish_weights": self.vggish_info.path, "vggish_sha256": self.vggish_info.sha256,
+            "vggish_official": self.vggish_info.official,
+            "vggish_pca": self.config.pca,
+            "precision": "fp32" if self.autocast is None else str(self.autocast).replace("torch.", ""),
+            "device": self.device.type, "avepipe_version": __version__, "torch_version": torch.__version__,
+        }
+        if self.pca_info is not None:
+            attrs.update(pca_sha256=self.pca_info.sha256, pca_official=self.pca_info.official)
+        return attrs
+
+    def _autocast(self):
+        if self.autocast is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def host_buffer(self, seconds: int) -> torch.Tensor:
+        """A uint8 ``[seconds, 16, 224, 224, 3]`` host buffer to fill with frames (pinned on CUDA: async copies)."""
+        buffer = torch.empty((seconds, FRAMES_PER_SECOND, 224, 224, 3), dtype=torch.uint8)
+        return buffer.pin_memory() if self.device.type == "cuda" else buffer
+
+    @torch.inference_mode()
+    def visual_async(self, frames: torch.Tensor) -> VisualResult:
+        """uint8 ``[k, 16, 224, 224, 3]`` host frames -> per-second pool5 means ``[k, 7, 7, 512]`` float32.
+
+        On CUDA the copies are asynchronous: ``frames`` may be refilled once the returned result is ``get()``-able
+        (the input copy precedes the compute on the same stream, and ``get()`` waits for the output copy)."""
+        k = frames.shape[0]
+        batch = frames.reshape(-1, *frames.shape[2:])
+        if self.device.type == "cuda":
+            batch = batch.to(self.device, non_blocking=True)
+        with self._autocast():
+            pool5 = self.vgg19(batch)
+        means = pool5.float().reshape(k, FRAMES_PER_SECOND, *pool5.shape[1:]).mean(dim=1)
+        if self.device.type != "cuda":
+            return VisualResult(means)
+        host = torch.empty(means.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(means, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return VisualResult(host, event)
+
+    def visual(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 ``[k, 16, 224, 224, 3]`` -> per-second pool5 means float32 ``[k, 7, 7, 512]`` (synchronous)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return self.visual_async(tensor).get()
+
+    @torch.inference_mode()
+    def audio(self, examples: np.ndarray) -> np.ndarray:
+        """log-mel examples [T, 96, 64] -> embeddings float32 [T, 128] (VGGish in float32: it is cheap)."""
+        return self.vggish(torch.from_numpy(examples).to(self.device)).float().cpu().numpy()

@@ -1,0 +1,127 @@
+"""Checkpoints: written by ``avepipe train``, read by ``avepipe evaluate``, ``avepipe localize`` and a resumed train.
+
+A checkpoint is a plain dict, loadable with ``torch.load(..., weights_only=True)`` (no code from the file is executed):
+``format``, ``format_version``, ``model``, ``task``, ``direction`` (cml), ``config`` ({"model": ..., "train": ...}),
+``state_dict``, ``class_names`` (the categories in label order, then ``"background"``), ``feature_spec`` (JSON of the
+cache spec it was trained on), ``metrics``, ``seed`` and ``versions``. ``last.pt`` (``--resume``) is a checkpoint plus
+the optimizer, scheduler, RNG and progress states.
+
+Every problem with a checkpoint is a :class:`~avepipe.errors.CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from avepipe.data.ave import BACKGROUND, NUM_CLASSES
+from avepipe.errors import CheckpointError
+from avepipe.models.registry import build_model, get_spec, model_names
+from avepipe.version import __version__
+
+CHECKPOINT_FORMAT = "avepipe-checkpoint"
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("model", "task", "config", "state_dict")
+
+
+def make_checkpoint(model: torch.nn.Module, *, name: str, task: str, direction: str | None, config: dict,
+                    class_names: list[str], feature_spec: dict | None, metrics: dict, seed: int) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+        "model": name, "task": task, "direction": direction, "config": config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "class_names": list(class_names), "feature_spec": json.dumps(feature_spec or {}, sort_keys=True),
+        "metrics": metrics, "seed": seed,
+        "versions": {"avepipe": __version__, "torch": str(torch.__version__)},
+    }
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
+    """Write atomically: a reader (or a killed run) sees the previous file or this one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def validate_checkpoint(checkpoint: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``checkpoint`` if it is an avepipe checkpoint of a registered model and task, with usable class names."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an avepipe checkpoint")
+    if checkpoint.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {checkpoint['format_version']} is newer than this avepipe "
+                              f"reads ({CHECKPOINT_VERSION}); upgrade avepipe")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
+    name, task = checkpoint["model"], checkpoint["task"]
+    if name not in model_names():
+        raise CheckpointError(f"{path}: model {name!r} is not registered in this avepipe "
+                              f"(known: {', '.join(model_names())})")
+    if task not in get_spec(name).tasks:
+        raise CheckpointError(f"{path}: model {name!r} has no task {task!r}")
+    names = checkpoint.get("class_names") or []
+    if names and (not all(isinstance(n, str) for n in names) or names[-1] != "background" or len(names) > NUM_CLASSES):
+        raise CheckpointError(f"{path}: class_names must be at most {NUM_CLASSES - 1} category names then 'background'")
+    return checkpoint
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint dict of ``path``, validated (weights_only load: no code from the file is executed)."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    return validate_checkpoint(checkpoint, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The model of a checkpoint, rebuilt from its config and weights, in eval mode on ``map_location``."""
+    checkpoint = read_checkpoint(path, map_location)
+    try:
+        model = build_model(checkpoint["model"], checkpoint["task"], checkpoint["config"].get("model"))
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:  # config or weights of another architecture
+        raise CheckpointError(f"{path}: does not rebuild its model ({str(exc).splitlines()[0]})") from None
+    return model.to(map_location).eval(), checkpoint
+
+
+def check_categories(checkpoint: dict[str, Any], path: str | os.PathLike, categories: Sequence[str],
+                     source: str | os.PathLike) -> None:
+    """The data's categories (from ``source``, in label order) must be those the checkpoint was trained on, or label
+    k would mean another category. Checkpoints without class names are not checked."""
+    trained = list(checkpoint.get("class_names") or [])[:-1]
+    if not trained or trained == list(categories):
+        return
+    if len(trained) != len(categories):
+        detail = f"{len(trained)} categories, {source} has {len(categories)}"
+    else:
+        k = next(i for i, (a, b) in enumerate(zip(trained, categories)) if a != b)
+        detail = f"label {k} is {trained[k]!r} there, {categories[k]!r} in {source}"
+    raise CheckpointError(f"{path}: trained on other categories ({detail})")
+
+
+def check_resumable(saved: dict[str, Any], path: str | os.PathLike, *, model: str, task: str, seed: int) -> None:
+    """``last.pt`` must come from the same model, task and seed as the run that resumes it."""
+    if (saved.get("model"), saved.get("task"), saved.get("seed")) != (model, task, seed):
+        raise CheckpointError(f"{path}: was trained with model={saved.get('model')} task={saved.get('task')} "
+                              f"seed={saved.get('seed')}")
+
+
+def known_classes(checkpoint: dict[str, Any]) -> list[int]:
+    """Class indices the checkpoint names, background included: a model trained on a subset of the categories has
+    untrained outputs for the others, which must never be predicted."""
+    named = max(0, len(checkpoint.get("class_names") or []) - 1)
+    return sorted(set(range(min(named, BACKGROUND))) | {BACKGROUND})
+
+
+def class_name(checkpoint: dict[str, Any], index: int) -> str:
+    """The name of class ``index`` (``background`` for 28, ``class<k>`` for a class the checkpoint does not name)."""
+    names = checkpoint.get("class_names") or []
+    if index == BACKGROUND:
+        return "background"
+    return names[index] if index < len(names) - 1 else f"class{index}"

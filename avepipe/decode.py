@@ -1,0 +1,356 @@
+"""Per-video decoding: one pass over the file gives the selected 224x224 frames of every second and the log-mel examples.
+
+Contract of one video (:func:`decode_video`):
+
+1. :func:`avepipe.media.index` reads the file once without decoding: the probe, the number of frames a decoder will
+   return (video packets minus empty ones and those an edit list discards) and the completeness check.
+2. That count fixes the AVE sampling (``interval = int(n / T)``, frame ``int(l*interval + i/16*interval)``,
+   :mod:`avepipe.sampling`) before decoding starts, so frames are selected as they stream out of ffmpeg and only the
+   selected ones are resized (OpenCV ``INTER_LINEAR``, bit-exact with the AVE recipe); the rest are dropped unread.
+3. One ffmpeg process decodes video and audio together (:class:`avepipe.media.Decoder`); the audio is resampled to
+   16 kHz (resampy's ``kaiser_best`` filter in polyphase form) and cut into VGGish log-mel examples at the end.
+
+The video is never decoded twice. If the decoder returns a different number of frames than the index said (a damaged
+packet that yields no picture), the sampling planned on the index is kept when the interval is unchanged (the selected
+frames are then identical); otherwise the frames are kept as selected, a missing tail repeats the last frame, and the
+entry records ``frames_indexed`` / ``frames_decoded`` so the difference is visible.
+
+Messages (:class:`Started`, :class:`Second`, :class:`Finished`, :class:`Failed`) go from the decoder to the consumer
+in order per video. Across processes a :class:`Second`'s frames travel in a shared-memory ring slot, never pickled.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avepipe import media
+from avepipe.backbones import vggish as vggish_mod
+from avepipe.sampling import FRAMES_PER_SECOND, TooShortError, ave_frame_indices
+from avepipe.settings import DecodeConfig, default_workers
+
+FRAME_SHAPE = (FRAMES_PER_SECOND, media.FRAME_SIZE, media.FRAME_SIZE, 3)  # one second of selected frames
+SECOND_BYTES = int(np.prod(FRAME_SHAPE))
+_BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+RING_SLOTS = 6  # seconds in flight per decode process (bounded host memory: 6 x 2.4 MB)
+
+
+@dataclass
+class VideoTask:
+    vid: str
+    path: str
+    skip_seconds: int = 0  # seconds already extracted (a resumed long video): decoded, but not resized or sent
+
+
+@dataclass
+class Started:
+    vid: str
+    meta: dict[str, Any]  # cache attributes known before decoding (source, duration, seconds T, sizes, frames_indexed)
+
+
+@dataclass
+class Second:
+    vid: str
+    second: int  # index l of this second in the video
+    frames: np.ndarray | None  # [16, 224, 224, 3] uint8 when decoded in this process
+    worker: int = -1  # else: the ring of this decode process ...
+    slot: int = -1  # ... and the slot holding the frames (the consumer releases it)
+
+
+@dataclass
+class Finished:
+    vid: str
+    examples: np.ndarray  # [T, 96, 64] float32 VGGish log-mel examples
+    meta: dict[str, Any]  # attributes known only at the end (frames_decoded, audio_padded_s, decode_glitches)
+
+
+@dataclass
+class Failed:
+    vid: str
+    error: str  # one line naming the file and the problem
+
+
+Message = Started | Second | Finished | Failed
+SlotSource = Callable[[], tuple[int, np.ndarray]]  # () -> (slot id, writable [16, 224, 224, 3] array)
+
+
+def fresh_slot() -> tuple[int, np.ndarray]:
+    return -1, np.empty(FRAME_SHAPE, np.uint8)
+
+
+def decode_video(task: VideoTask, config: DecodeConfig, acquire: SlotSource = fresh_slot,
+                 threads: int = 1) -> Iterator[Message]:
+    """The messages of one video; every failure becomes one :class:`Failed` (never an exception)."""
+    try:
+        idx = media.index(task.path)
+        info = idx.info
+        stat = os.stat(task.path)
+        meta = {
+            "source_path": str(Path(task.path).resolve()), "source_size": stat.st_size, "source_mtime": stat.st_mtime,
+            "duration": info.duration, "seconds": info.seconds, "width": info.width, "height": info.height,
+            "audio_sample_rate": info.sample_rate, "frames_indexed": idx.frames,
+        }
+        yield Started(task.vid, meta)
+        if config.sampling == "ave":
+            frames = _ave_seconds(idx, task, acquire, threads)
+        elif config.sampling == "fps":
+            frames = _fps_seconds(info, task, acquire)
+        else:
+            raise ValueError(f"unknown sampling mode {config.sampling!r}")
+        outcome: dict[str, Any] = {}
+        for second in frames:
+            if isinstance(second, dict):
+                outcome = second
+            else:
+                yield second
+        wave, rate = outcome.pop("wave"), outcome.pop("rate")
+        examples, padded = vggish_mod.waveform_to_examples(wave, rate, info.seconds)
+        yield Finished(task.vid, examples, {**outcome, "audio_padded_s": float(padded)})
+    except media.MediaError as exc:
+        yield Failed(task.vid, str(exc))
+    except TooShortError as exc:
+        yield Failed(task.vid, f"{task.path}: {media.MediaTooShortError.kind}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any failure of one video must not stop the batch
+        last = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        yield Failed(task.vid, f"{task.path}: unexpected error: {type(exc).__name__}: {exc} ({last})")
+
+
+def decode_file(path: str | os.PathLike, sampling: str = "ave") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """All of one video in memory (short videos, tests, benchmarks): frames ``[T, 16, 224, 224, 3]`` uint8, log-mel
+    examples ``[T, 96, 64]`` and the attributes; raises the :class:`avepipe.media.MediaError` message as ValueError."""
+    seconds: list[np.ndarray] = []
+    meta: dict[str, Any] = {}
+    for message in decode_video(VideoTask(Path(path).stem, str(path)), DecodeConfig(sampling=sampling)):
+        if isinstance(message, Failed):
+            raise ValueError(message.error)
+        if isinstance(message, Second):
+            seconds.append(message.frames)
+        elif isinstance(message, Started):
+            meta.update(message.meta)
+        elif isinstance(message, Finished):
+            meta.update(message.meta)
+            examples = message.examples
+    return np.stack(seconds), examples, meta
+
+
+def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, threads: int) -> Iterator:
+    info = idx.info
+    flat = ave_frame_indices(idx.frames, info.duration).reshape(-1)
+    decoder = media.Decoder(info, threads=threads)
+    position = task.skip_seconds * FRAMES_PER_SECOND  # next (second, i) to fill, in order
+    small = np.empty(FRAME_SHAPE[1:], np.uint8)  # the last selected frame, resized (a frame may serve several i)
+    have_small = False
+    slot, target = -1, None
+
+    def put_small() -> Iterator[Second]:
+        nonlocal position, slot, target
+        if target is None:
+            slot, target = acquire()
+        target[position % FRAMES_PER_SECOND] = small
+        position += 1
+        if position % FRAMES_PER_SECOND == 0:
+            yield Second(task.vid, position // FRAMES_PER_SECOND - 1, target if slot < 0 else None, slot=slot)
+            slot, target = -1, None
+
+    try:
+        for k, frame in enumerate(decoder):
+            if position >= len(flat) or flat[position] != k:
+                continue  # not selected (the common case): never resized, never copied
+            media.resize_like_opencv(frame, out=small)
+            have_small = True
+            while position < len(flat) and flat[position] == k:
+                yield from put_small()
+    except BaseException:
+        decoder.close()
+        raise
+    wave, rate, glitches = decoder.finish()
+    decoded = decoder.frames_read
+    if position < len(flat) and not have_small:
+        raise media.CorruptMediaError(info.path, f"only {decoded} frames decode of {idx.frames} indexed")
+    while position < len(flat):  # fewer frames than indexed (damaged packets): the tail repeats the last frame
+        yield from put_small()
+    if wave is None:
+        raise media.NoAudioStreamError(info.path, "the sound track decodes to nothing")
+    yield {"wave": wave, "rate": rate, "frames_decoded": decoded, "decode_glitches": glitches}
+
+
+def _fps_seconds(info: media.MediaInfo, task: VideoTask, acquire: SlotSource) -> Iterator:
+    """``--sampling fps``: ffmpeg resamples to 16 frames/s and scales to 224 itself (not AVE-compatible)."""
+    filters = [("fps", (FRAMES_PER_SECOND,), {}),
+               ("scale", (media.FRAME_SIZE, media.FRAME_SIZE), {"flags": "bilinear"})]
+    needed = info.seconds * FRAMES_PER_SECOND
+    pipe = media.FramePipe(info, filters, size=(media.FRAME_SIZE, media.FRAME_SIZE))
+    position, slot, target, last = 0, -1, None, None
+    for frame in pipe:
+        if position >= needed:
+            continue
+        last = frame.copy()
+        if position >= task.skip_seconds * FRAMES_PER_SECOND:
+            if target is None:
+                slot, target = acquire()
+            target[position % FRAMES_PER_SECOND] = frame
+        position += 1
+        if position % FRAMES_PER_SECOND == 0 and target is not None:
+            yield Second(task.vid, position // FRAMES_PER_SECOND - 1, target if slot < 0 else None, slot=slot)
+            slot, target = -1, None
+    pipe.check()
+    if last is None:
+        raise media.CorruptMediaError(info.path, "no video frame could be decoded")
+    while position < needed:  # the fps filter can end a frame or two short of T*16: repeat the last frame
+        if target is None:
+            slot, target = acquire()
+        target[position % FRAMES_PER_SECOND] = last
+        position += 1
+        if position % FRAMES_PER_SECOND == 0:
+            yield Second(task.vid, position // FRAMES_PER_SECOND - 1, target if slot < 0 else None, slot=slot)
+            slot, target = -1, None
+    wave, rate = media.decode_audio(info)
+    yield {"wave": wave, "rate": rate, "frames_decoded": position, "decode_glitches": 0}
+
+
+# -- decode processes ----------------------------------------------------------------------------------------------
+
+class FrameRing:
+    """Shared-memory slots, one second of frames each, for every decode process (created by the consumer)."""
+
+    def __init__(self, workers: int, slots: int = RING_SLOTS, name: str | None = None):
+        self.workers, self.slots = workers, slots
+        size = max(1, workers * slots * SECOND_BYTES)
+        self.shm = shared_memory.SharedMemory(name=name, create=name is None, size=size)
+        self.owner = name is None
+        self.array = np.ndarray((workers, slots, *FRAME_SHAPE), np.uint8, buffer=self.shm.buf)
+
+    def view(self, worker: int, slot: int) -> np.ndarray:
+        return self.array[worker, slot]
+
+    def close(self) -> None:
+        del self.array
+        self.shm.close()
+        if self.owner:
+            self.shm.unlink()
+
+
+def exit_with_parent(parent: int) -> None:
+    """Watchdog thread body: end this process at once when its parent is gone (kill -9 runs no cleanup, and a child
+    blocked on a queue nobody reads would otherwise live forever)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _decode_worker(worker: int, ring_name: str, slots: int, workers: int, tasks: mp.Queue, results: mp.Queue,
+                   free: mp.Queue, config: DecodeConfig, threads: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    ring = FrameRing(workers, slots, name=ring_name)
+
+    def acquire() -> tuple[int, np.ndarray]:
+        slot = free.get()
+        return slot, ring.view(worker, slot)
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        for message in decode_video(task, config, acquire, threads):
+            if isinstance(message, Second):
+                message.worker = worker
+            results.put(message)
+
+
+@dataclass
+class DecodeSource:
+    """The messages of many videos, decoded by ``workers`` processes (or in this process when 0), in a bounded
+    pipeline: a process waits for a free ring slot, so decoding never runs more than a few seconds ahead."""
+
+    tasks: list[VideoTask]
+    config: DecodeConfig
+    workers: int = -1
+    _ring: FrameRing | None = field(default=None, init=False)
+    _free: list = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        wanted = self.config.workers if self.workers < 0 else self.workers
+        wanted = default_workers() if wanted < 0 else wanted
+        self.workers = min(wanted, len(self.tasks))
+        cores = os.cpu_count() or 1
+        self.threads = self.config.decoder_threads or max(1, cores // max(1, self.workers))
+
+    def frames(self, message: Second) -> np.ndarray:
+        """The frames of a :class:`Second` (a view into the ring: call :meth:`release` when copied)."""
+        return message.frames if message.frames is not None else self._ring.view(message.worker, message.slot)
+
+    def release(self, message: Second) -> None:
+        if message.frames is None:
+            self._free[message.worker].put(message.slot)
+
+    def __iter__(self) -> Iterator[Message]:
+        if self.workers == 0:
+            for task in self.tasks:
+                yield from decode_video(task, self.config, threads=self.threads)
+            return
+        yield from self._from_processes()
+
+    def _from_processes(self) -> Iterator[Message]:
+        ctx = mp.get_context("spawn")  # never fork a process that may hold a CUDA context
+        tasks: mp.Queue = ctx.Queue()
+        results: mp.Queue = ctx.Queue()
+        self._ring = FrameRing(self.workers)
+        self._free = [ctx.Queue() for _ in range(self.workers)]
+        for free in self._free:
+            for slot in range(self._ring.slots):
+                free.put(slot)
+        for task in self.tasks:
+            tasks.put(task)
+        procs = [ctx.Process(target=_decode_worker, daemon=True,
+                             args=(w, self._ring.shm.name, self._ring.slots, self.workers, tasks, results,
+                                   self._free[w], self.config, self.threads))
+                 for w in range(self.workers)]
+        # One BLAS thread per decode process (the log-mel and resampling products): N processes on N cores would
+        # otherwise start N*N threads. Spawned children read these when numpy loads; this process is unaffected.
+        saved = {k: os.environ.get(k) for k in _BLAS_THREADS}
+        os.environ.update({k: "1" for k in _BLAS_THREADS})
+        try:
+            for proc in procs:
+                tasks.put(None)
+                proc.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        remaining = {task.vid: task.path for task in self.tasks}
+        try:
+            while remaining:
+                try:
+                    message = results.get(timeout=5.0)
+                except queue.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        for vid in sorted(remaining):
+                            yield Failed(vid, f"{remaining[vid]}: decoder process died")
+                        return
+                    continue
+                if isinstance(message, (Finished, Failed)):
+                    remaining.pop(message.vid, None)
+                yield message
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join(timeout=5)
+            self._ring.close()

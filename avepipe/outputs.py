@@ -1,0 +1,94 @@
+"""Files of per-second labels (``avepipe localize --format json|csv|jsonl --out``): one writer per format.
+
+``get_writer(fmt)`` returns the writer of a format (as openai/whisper's ``get_writer``); ``write_results`` writes one
+file for all videos, or one ``<id>.<fmt>`` per video into a directory. The ``table`` format is the terminal's
+(:func:`avepipe.render.render_localize`). Videos that failed are never written (their errors go to stderr).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from avepipe.errors import UsageError
+
+if TYPE_CHECKING:
+    from avepipe.localization import VideoLabels
+
+Writer = Callable[[Sequence["VideoLabels"]], str]  # the records of some videos -> the text of one file
+
+CSV_FIELDS = ("video", "start", "end", "label", "event_probability", "class_probability",
+              "top1", "top1_probability", "top2", "top2_probability", "top3", "top3_probability")
+
+
+def rows(result: VideoLabels) -> list[dict[str, Any]]:
+    """Flat per-second rows (CSV / JSONL)."""
+    out = []
+    for s in result.seconds:
+        row = {"video": result.video, "start": s.start, "end": s.end, "label": s.label,
+               "event_probability": s.event_probability, "class_probability": s.class_probability}
+        for k in range(3):
+            top = s.top3[k] if k < len(s.top3) else {"label": "", "probability": ""}
+            row[f"top{k + 1}"], row[f"top{k + 1}_probability"] = top["label"], top["probability"]
+        out.append(row)
+    return out
+
+
+def write_json(results: Sequence[VideoLabels]) -> str:
+    """A list of whole records (seconds, spans, query), one per video."""
+    return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
+
+
+def write_jsonl(results: Sequence[VideoLabels]) -> str:
+    """One JSON object per second (the CSV columns)."""
+    return "".join(json.dumps(row) + "\n" for r in results for row in rows(r))
+
+
+def write_csv(results: Sequence[VideoLabels]) -> str:
+    """One row per second, columns ``CSV_FIELDS``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        writer.writerows(rows(r))
+    return buffer.getvalue()
+
+
+WRITERS: dict[str, Writer] = {"json": write_json, "csv": write_csv, "jsonl": write_jsonl}
+FORMATS = ("table", *WRITERS)  # what --format accepts
+
+
+def get_writer(fmt: str) -> Writer:
+    """The writer of file format ``fmt``."""
+    if fmt not in WRITERS:
+        raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    return WRITERS[fmt]
+
+
+def wants_directory(out: str | os.PathLike) -> bool:
+    """An existing directory, or a path written with a trailing ``/`` (which ``Path()`` would drop)."""
+    return Path(out).is_dir() or os.fspath(out).endswith(("/", os.sep))
+
+
+def write_results(results: Sequence[VideoLabels], fmt: str, out: str | os.PathLike) -> list[Path]:
+    """One file (``out``) for all videos, or one ``<id>.<fmt>`` per video when ``out`` is a directory (see
+    :func:`wants_directory`). Files are written atomically."""
+    write = get_writer(fmt)
+    ok = [r for r in results if r.error is None]
+    if not wants_directory(out):
+        return [_write_atomic(Path(out), write(ok))]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_write_atomic(folder / f"{r.id}.{fmt}", write([r])) for r in ok]
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,71 @@
+"""What a batch run (``extract``, ``decode``) has to do: shards, skips of finished videos, recorded failures.
+
+A video already in the store is skipped when its source file is unchanged (same size and mtime); a changed file at the
+same path is done again (its new entry replaces the old one); the same id for another file is a per-video failure.
+Recorded failures are retried only when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avepipe.cache import FeatureCache
+from avepipe.inputs import assign_ids, select_shard
+from avepipe.settings import ExtractConfig
+
+
+@dataclass
+class BatchReport:
+    total: int = 0  # videos named by the inputs (after the shard)
+    done: list[str] = field(default_factory=list)  # done by this run
+    skipped: list[str] = field(default_factory=list)  # already in the store
+    failed: dict[str, str] = field(default_factory=dict)  # id -> one-line error (this run)
+    previously_failed: dict[str, str] = field(default_factory=dict)  # recorded failures not retried
+    seconds_of_video: int = 0  # seconds done by this run
+    elapsed_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed or self.previously_failed else 0
+
+
+def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: BatchReport) -> dict[str, Path]:
+    """Which of ``paths`` need work: applies the shard, skips finished videos and (unless retrying) recorded failures."""
+    ids = select_shard(assign_ids(paths), config.shard)
+    report.total = len(ids)
+    done = cache.all_attrs()
+    failures = cache.failures()
+    todo: dict[str, Path] = {}
+    for vid, path in ids.items():
+        if vid in done:
+            attrs = done[vid]
+            if same_source(attrs, path):
+                report.skipped.append(vid)
+                continue
+            if str(Path(attrs.get("source_path", "")).resolve()) != str(path.resolve()):
+                report.failed[vid] = (f"{path}: video id {vid!r} is already in the cache for another file "
+                                      f"({attrs.get('source_path')}); rename one of them")
+                continue
+            # Same path, changed file: extract again (the new entry replaces the old one).
+        if vid in failures and not config.retry_failed:
+            report.previously_failed[vid] = failures[vid].get("error", "failed earlier")
+            continue
+        todo[vid] = path
+    return todo
+
+
+def source_fields(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"source_path": str(path.resolve()), "source_size": stat.st_size, "source_mtime": stat.st_mtime}
+
+
+def same_source(attrs: dict[str, Any], path: Path) -> bool:
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return (int(attrs.get("source_size", -1)) == stat.st_size
+            and abs(float(attrs.get("source_mtime", -1)) - stat.st_mtime) < 1e-3)

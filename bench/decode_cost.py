@@ -1,0 +1,118 @@
+"""Cost of the decode stage against the decode bound, measured in the same run.
+
+    python bench/decode_cost.py [--repeats 3] [--parallel-clips 4 --workers 2]
+
+1. Per clip (a 10-s 720p h264 cut of bbb.mp4 with an edit list, a 1080p h264 clip, an MPEG-4/MP3 AVI), one process:
+   the whole decode stage of one video (``avepipe.decode.decode_file``: index pass, one decode of video and audio,
+   frame selection + OpenCV resize, resampling to 16 kHz, log-mel) against bare ``ffmpeg -threads 1 -i CLIP -vf
+   scale=224:224 -f rawvideo -pix_fmt rgb24 -`` (video only, every frame scaled). Medians of --repeats, after one warm-up
+   call (what a long-running decode process pays once).
+2. ``avepipe decode`` of N ten-second 720p clips with W worker processes (wall time, into a fresh store) against W
+   parallel bare ffmpeg processes on the same clips.
+Prints seconds and ratios (stage / bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avepipe.decode import decode_file  # noqa: E402
+from avepipe.decoded import run_decode  # noqa: E402
+from avepipe.media import ffmpeg_binary  # noqa: E402
+from avepipe.settings import ExtractConfig  # noqa: E402
+
+
+def make_clips(source: Path, folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    ff = ffmpeg_binary()
+    specs = {
+        "720p h264 (stream-copied cut, edit list)": ("c720.mp4", ["-ss", "60", "-i", str(source), "-t", "10",
+                                                                  "-c", "copy"]),
+        "1080p h264": ("c1080.mp4", ["-ss", "100", "-i", str(source), "-t", "10", "-vf", "scale=1920:1080",
+                                     "-c:v", "libx264", "-preset", "veryfast", "-c:a", "copy"]),
+        "AVI MPEG-4 + MP3": ("c.avi", ["-ss", "200", "-i", str(source), "-t", "10", "-c:v", "mpeg4",
+                                       "-vtag", "XVID", "-q:v", "4", "-c:a", "libmp3lame"]),
+    }
+    clips = {}
+    for label, (name, args) in specs.items():
+        clip = folder / name
+        if not clip.exists():
+            tmp = clip.with_name("tmp-" + name)
+            subprocess.run([ff, "-y", "-loglevel", "error", *args, str(tmp)], check=True)
+            tmp.rename(clip)
+        clips[label] = clip
+    return clips
+
+
+def cut_720p(source: Path, folder: Path, count: int) -> list[Path]:
+    clips = []
+    for i in range(count):
+        clip = folder / f"p720_{i:02d}.mp4"
+        if not clip.exists():
+            subprocess.run([ffmpeg_binary(), "-y", "-loglevel", "error", "-ss", str(300 + 20 * i), "-i", str(source),
+                            "-t", "10", "-c", "copy", str(clip)], check=True)
+        clips.append(clip)
+    return clips
+
+
+def bare(clip: Path) -> None:
+    proc = subprocess.Popen([ffmpeg_binary(), "-loglevel", "error", "-threads", "1", "-i", str(clip), "-an",
+                             "-vf", "scale=224:224", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                            stdout=subprocess.PIPE)
+    while proc.stdout.read(1 << 20):
+        pass
+    proc.wait()
+
+
+def timed(fn, *args) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parallel-clips", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--source", default=os.path.join(os.environ.get("AVEPIPE_TEST_MEDIA", "../shared/media"),
+                                                         "bbb.mp4"))
+    parser.add_argument("--clip-dir", default=".bench/decode")
+    args = parser.parse_args()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in a decode worker process
+
+    clips = make_clips(Path(args.source), Path(args.clip_dir))
+    decode_file(next(iter(clips.values())))  # warm-up: first-call costs are paid once per process
+    print(f"{'clip':44s} {'bare ffmpeg s':>14s} {'decode stage s':>15s} {'ratio':>6s}")
+    for label, clip in clips.items():
+        bound = statistics.median(timed(bare, clip) for _ in range(args.repeats))
+        ours = statistics.median(timed(decode_file, clip) for _ in range(args.repeats))
+        print(f"{label:44s} {bound:14.3f} {ours:15.3f} {ours / bound:6.2f}")
+
+    many = cut_720p(Path(args.source), Path(args.clip_dir), args.parallel_clips)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(bare, many))
+    bound = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ExtractConfig(workers=args.workers, decoder_threads=1)
+        start = time.perf_counter()
+        report = run_decode(many, Path(tmp) / "frames.h5", config)
+        ours = time.perf_counter() - start
+    assert len(report.done) == len(many), report.failed
+    print(f"avepipe decode, {len(many)} x 10 s 720p, {args.workers} workers: {ours:.2f} s; "
+          f"{args.workers} parallel bare ffmpeg: {bound:.2f} s; ratio {ours / bound:.2f}")
+
+
+if __name__ == "__main__":
+    main()
