@@ -76,9 +76,27 @@ def _replace_atomically(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _check_id(video_id: str) -> None:
+MAX_ID_BYTES = 200  # staged file names are <id>.failed.json: within the 255-byte limit of common file systems
+
+
+def id_problem(video_id: str) -> str | None:
+    """Why ``video_id`` cannot key an entry (None when it can): checked per video, so one bad name fails one video."""
     if not video_id or "/" in video_id or video_id in (".", "..") or video_id.startswith("."):
-        raise CacheError(f"invalid video id {video_id!r}")
+        return f"{video_id!r} cannot be a video id (empty, hidden or with a slash)"
+    if len(video_id.encode()) > MAX_ID_BYTES:
+        return f"the file name is too long to be a video id ({len(video_id.encode())} bytes, at most {MAX_ID_BYTES})"
+    return None
+
+
+def _check_id(video_id: str) -> None:
+    problem = id_problem(video_id)
+    if problem:
+        raise CacheError(f"invalid video id: {problem}")
+
+
+def _temp_name(staging: Path, kind: str) -> Path:
+    """A temporary name that does not grow with the id (a long id must not overflow the file-name limit)."""
+    return staging / f".{kind}.tmp{os.getpid()}.{time.monotonic_ns()}"
 
 
 class FeatureCache:
@@ -268,7 +286,7 @@ class FeatureCache:
         self._require_writer()
         _check_id(video_id)
         final = self.staging / f"{video_id}{STAGED_SUFFIX}"
-        tmp = self.staging / f".{video_id}.tmp{os.getpid()}"
+        tmp = _temp_name(self.staging, "entry")
         with h5py.File(tmp, "w") as f:
             f.create_dataset("visual", data=np.ascontiguousarray(visual, dtype=np.float32))
             f.create_dataset("audio", data=np.ascontiguousarray(audio, dtype=np.float32))
@@ -284,7 +302,7 @@ class FeatureCache:
         temporary file (a group with the entry's datasets at its root), then :meth:`commit_staged`."""
         self._require_writer()
         _check_id(video_id)
-        return self.staging / f".{video_id}.tmp{os.getpid()}", self.staging / f"{video_id}{STAGED_SUFFIX}"
+        return _temp_name(self.staging, "entry"), self.staging / f"{video_id}{STAGED_SUFFIX}"
 
     def commit_staged(self, video_id: str, tmp: Path, final: Path) -> None:
         _replace_atomically(tmp, final)
@@ -292,12 +310,19 @@ class FeatureCache:
         if failed.exists():
             failed.unlink()
 
-    def put_failure(self, video_id: str, source_path: str, error: str) -> None:
+    def put_failure(self, video_id: str, source_path: str, error: str, transient: bool = False) -> None:
+        """Record a failure. ``transient``: the cause was not the file (a killed decoder): the next run retries it.
+        The source's size and mtime are kept so that a changed file is retried too."""
         self._require_writer()
         _check_id(video_id)
         failed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        record = {"source_path": source_path, "error": error, "failed_at": failed_at}
-        tmp = self.staging / f".{video_id}.failed.tmp{os.getpid()}"
+        record = {"source_path": source_path, "error": error, "failed_at": failed_at, "transient": bool(transient)}
+        try:
+            stat = os.stat(source_path)
+            record.update(source_size=stat.st_size, source_mtime=stat.st_mtime)
+        except OSError:
+            pass
+        tmp = _temp_name(self.staging, "failed")
         tmp.write_text(json.dumps(record))
         _replace_atomically(tmp, self.staging / f"{video_id}{FAILED_SUFFIX}")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -36,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from avepipe import media
-from avepipe.backbones import vggish as vggish_mod
-from avepipe.sampling import FRAMES_PER_SECOND, TooShortError, ave_frame_indices
+from avepipe.backbones import logmel
+from avepipe.sampling import FRAMES_PER_SECOND, TooFewFramesError, TooShortError, ave_frame_indices, frame_interval
 from avepipe.settings import DecodeConfig, default_workers
 
 FRAME_SHAPE = (FRAMES_PER_SECOND, media.FRAME_SIZE, media.FRAME_SIZE, 3)  # one second of selected frames
@@ -79,6 +80,7 @@ class Finished:
 class Failed:
     vid: str
     error: str  # one line naming the file and the problem
+    transient: bool = False  # not the file's fault (a killed decoder): retried by the next run
 
 
 Message = Started | Second | Finished | Failed
@@ -93,17 +95,20 @@ def decode_video(task: VideoTask, config: DecodeConfig, acquire: SlotSource = fr
                  threads: int = 1) -> Iterator[Message]:
     """The messages of one video; every failure becomes one :class:`Failed` (never an exception)."""
     try:
-        idx = media.index(task.path)
+        idx = media.index(task.path, timeout_s=config.stall_seconds or None)
         info = idx.info
         stat = os.stat(task.path)
         meta = {
             "source_path": str(Path(task.path).resolve()), "source_size": stat.st_size, "source_mtime": stat.st_mtime,
             "duration": info.duration, "seconds": info.seconds, "width": info.width, "height": info.height,
             "audio_sample_rate": info.sample_rate, "frames_indexed": idx.frames,
+            # A video stream shorter than the labelled seconds: its frames are spread over all T seconds (the AVE
+            # formula); how much is missing is recorded, like audio_padded_s for a short sound track.
+            "video_padded_s": round(max(0.0, info.seconds - idx.video_end), 3),
         }
         yield Started(task.vid, meta)
         if config.sampling == "ave":
-            frames = _ave_seconds(idx, task, acquire, threads)
+            frames = _ave_seconds(idx, task, acquire, threads, config.stall_seconds)
         elif config.sampling == "fps":
             frames = _fps_seconds(info, task, acquire)
         else:
@@ -115,12 +120,14 @@ def decode_video(task: VideoTask, config: DecodeConfig, acquire: SlotSource = fr
             else:
                 yield second
         wave, rate = outcome.pop("wave"), outcome.pop("rate")
-        examples, padded = vggish_mod.waveform_to_examples(wave, rate, info.seconds)
+        examples, padded = logmel.waveform_to_examples(wave, rate, info.seconds)
         yield Finished(task.vid, examples, {**outcome, "audio_padded_s": float(padded)})
     except media.MediaError as exc:
-        yield Failed(task.vid, str(exc))
+        yield Failed(task.vid, str(exc), exc.transient)
     except TooShortError as exc:
-        yield Failed(task.vid, f"{task.path}: {media.MediaTooShortError.kind}: {exc}")
+        yield Failed(task.vid, str(media.MediaTooShortError(task.path, str(exc))))
+    except TooFewFramesError as exc:
+        yield Failed(task.vid, str(media.TooFewFramesError(task.path, str(exc))))
     except Exception as exc:  # noqa: BLE001 - any failure of one video must not stop the batch
         last = traceback.format_exc(limit=1).strip().splitlines()[-1]
         yield Failed(task.vid, f"{task.path}: unexpected error: {type(exc).__name__}: {exc} ({last})")
@@ -144,10 +151,19 @@ def decode_file(path: str | os.PathLike, sampling: str = "ave") -> tuple[np.ndar
     return np.stack(seconds), examples, meta
 
 
-def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, threads: int) -> Iterator:
+def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, threads: int,
+                 stall_s: float) -> Iterator:
     info = idx.info
-    flat = ave_frame_indices(idx.frames, info.duration).reshape(-1)
-    decoder = media.Decoder(info, threads=threads)
+    indices = ave_frame_indices(idx.frames, info.duration)
+    flat = indices.reshape(-1)
+    interval = int(indices[1, 0] - indices[0, 0]) if len(indices) > 1 else frame_interval(idx.frames, info.duration)
+    residues = tuple(sorted({int(r) for r in indices[0] - indices[0, 0]}))
+    selection = media.FrameSelection(interval, residues, int(len(indices) * interval))
+    periodic = np.array_equal(indices, np.arange(len(indices))[:, None] * interval + indices[0])
+    if not periodic:  # cannot happen with the AVE formula; kept as a guard: then every frame leaves ffmpeg
+        selection = None
+    wanted = np.unique(flat) if periodic else np.arange(idx.frames)  # the frames ffmpeg lets out, in order
+    decoder = media.Decoder(info, threads=threads, select=selection, stall_s=stall_s)
     position = task.skip_seconds * FRAMES_PER_SECOND  # next (second, i) to fill, in order
     small = np.empty(FRAME_SHAPE[1:], np.uint8)  # the last selected frame, resized (a frame may serve several i)
     have_small = False
@@ -164,9 +180,10 @@ def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, th
             slot, target = -1, None
 
     try:
-        for k, frame in enumerate(decoder):
+        for j, frame in enumerate(decoder):
+            k = int(wanted[j]) if j < len(wanted) else -1  # the decoded index of the j-th frame ffmpeg selected
             if position >= len(flat) or flat[position] != k:
-                continue  # not selected (the common case): never resized, never copied
+                continue  # a second finished by an earlier run (resume): not resized
             media.resize_like_opencv(frame, out=small)
             have_small = True
             while position < len(flat) and flat[position] == k:
@@ -174,15 +191,16 @@ def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, th
     except BaseException:
         decoder.close()
         raise
-    wave, rate, glitches = decoder.finish()
-    decoded = decoder.frames_read
+    wave, rate, report = decoder.finish()
+    if report.frames_decoded < idx.frames / 2:  # isolated glitches are fine; a stream that mostly fails is not
+        raise media.CorruptMediaError(info.path, f"only {report.frames_decoded} of {idx.frames} frames decode")
     if position < len(flat) and not have_small:
-        raise media.CorruptMediaError(info.path, f"only {decoded} frames decode of {idx.frames} indexed")
+        raise media.CorruptMediaError(info.path, f"only {report.frames_decoded} frames decode of {idx.frames} indexed")
     while position < len(flat):  # fewer frames than indexed (damaged packets): the tail repeats the last frame
         yield from put_small()
     if wave is None:
         raise media.NoAudioStreamError(info.path, "the sound track decodes to nothing")
-    yield {"wave": wave, "rate": rate, "frames_decoded": decoded, "decode_glitches": glitches}
+    yield {"wave": wave, "rate": rate, "frames_decoded": report.frames_decoded, "decode_glitches": report.glitches}
 
 
 def _fps_seconds(info: media.MediaInfo, task: VideoTask, acquire: SlotSource) -> Iterator:
@@ -247,6 +265,37 @@ def exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(0)
+
+
+def start_processes(procs: list, environ: dict[str, str] | None = None) -> None:  # mp.Process objects
+    """Start spawned processes whose targets live in avepipe modules, from any caller.
+
+    ``spawn`` normally re-runs the caller's main script in every child; a plain script without an
+    ``if __name__ == "__main__":`` guard, or code piped to ``python -``, then fails (or recurses) in each child. The
+    children need nothing from the main script, so it is hidden from them while they start. ``environ``: variables set
+    for the children only."""
+    main = sys.modules.get("__main__")
+    file = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    saved = {key: os.environ.get(key) for key in environ or {}}
+    try:
+        if file is not None:
+            del main.__file__
+        if spec is not None:
+            main.__spec__ = None
+        os.environ.update(environ or {})
+        for proc in procs:
+            proc.start()
+    finally:
+        if file is not None:
+            main.__file__ = file
+        if spec is not None:
+            main.__spec__ = spec
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _decode_worker(worker: int, ring_name: str, slots: int, workers: int, tasks: mp.Queue, results: mp.Queue,
@@ -319,29 +368,20 @@ class DecodeSource:
                              args=(w, self._ring.shm.name, self._ring.slots, self.workers, tasks, results,
                                    self._free[w], self.config, self.threads))
                  for w in range(self.workers)]
+        for _ in procs:
+            tasks.put(None)
         # One BLAS thread per decode process (the log-mel and resampling products): N processes on N cores would
         # otherwise start N*N threads. Spawned children read these when numpy loads; this process is unaffected.
-        saved = {k: os.environ.get(k) for k in _BLAS_THREADS}
-        os.environ.update({k: "1" for k in _BLAS_THREADS})
-        try:
-            for proc in procs:
-                tasks.put(None)
-                proc.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         remaining = {task.vid: task.path for task in self.tasks}
         try:
+            start_processes(procs, {k: "1" for k in _BLAS_THREADS})
             while remaining:
                 try:
                     message = results.get(timeout=5.0)
                 except queue.Empty:
                     if not any(p.is_alive() for p in procs):
                         for vid in sorted(remaining):
-                            yield Failed(vid, f"{remaining[vid]}: decoder process died")
+                            yield Failed(vid, f"{remaining[vid]}: decoder process died", transient=True)
                         return
                     continue
                 if isinstance(message, (Finished, Failed)):
@@ -352,5 +392,6 @@ class DecodeSource:
                 if proc.is_alive():
                     proc.terminate()
             for proc in procs:
-                proc.join(timeout=5)
+                if proc.pid is not None:
+                    proc.join(timeout=5)
             self._ring.close()

@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from avepipe.cache import FeatureCache
+from avepipe.cache import FeatureCache, id_problem
 from avepipe.decode import (
     FRAME_SHAPE,
     DecodeSource,
@@ -98,6 +98,10 @@ def run_decode(paths: list[Path], out: str | os.PathLike, config: ExtractConfig,
     try:
         store.ensure_spec({"sampling": config.sampling, "spec_version": 1})
         todo = plan(paths, store, config, report)
+        for vid, error in report.failed.items():
+            if id_problem(vid) is None:
+                store.put_failure(vid, "", error)
+            emit("video", {"id": vid, "status": "failed", "error": error})
         emit("start", {"total": report.total, "todo": len(todo), "skipped": len(report.skipped),
                        "previously_failed": len(report.previously_failed), "device": "cpu (decode only)"})
         source = DecodeSource([VideoTask(vid, str(path)) for vid, path in todo.items()], config.decode_part())
@@ -131,7 +135,7 @@ def run_decode(paths: list[Path], out: str | os.PathLike, config: ExtractConfig,
                 if entry is not None:
                     entry.discard()
                 report.failed[message.vid] = message.error
-                store.put_failure(message.vid, str(todo[message.vid]), message.error)
+                store.put_failure(message.vid, str(todo[message.vid]), message.error, message.transient)
                 emit("video", {"id": message.vid, "status": "failed", "error": message.error})
     finally:
         for entry in entries.values():

@@ -65,6 +65,7 @@ class MediaError(AvepipeError):
 
     kind = "media error"
     exit_code = EXIT_SOME_FAILED
+    transient = False  # True: the cause was not the file (a killed decoder); the next run retries the video
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)

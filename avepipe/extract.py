@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from avepipe.backbones.extractor import POOL5_SHAPE, Backbones, VisualResult
-from avepipe.cache import FeatureCache
+from avepipe.cache import FeatureCache, id_problem
 from avepipe.decode import (
     DecodeSource,
     Failed,
@@ -93,8 +93,8 @@ class CacheWriter:
             self.cache.maybe_compact()
         self.submit(job)
 
-    def put_failure(self, vid: str, source: str, error: str) -> None:
-        self.submit(lambda: self.cache.put_failure(vid, source, error))
+    def put_failure(self, vid: str, source: str, error: str, transient: bool = False) -> None:
+        self.submit(lambda: self.cache.put_failure(vid, source, error, transient))
 
     def save_partial(self, vid: str, start: int, visual: np.ndarray, source: dict, spec: dict) -> None:
         self.submit(lambda: self.partial.save(vid, start, visual, source, spec))
@@ -198,7 +198,7 @@ class Run:
                     state.finished = message
                     self.maybe_finish(message.vid)
             elif isinstance(message, Failed):
-                self.fail(message.vid, message.error)
+                self.fail(message.vid, message.error, message.transient)
         self.batcher.flush()
         for vid in [v for v, s in self.videos.items() if s.complete]:
             self.maybe_finish(vid)
@@ -243,15 +243,18 @@ class Run:
         attrs = {**state.meta, **finished.meta, **self.entry_attrs,
                  "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.writer.put(vid, state.visual, audio, attrs)
+        if attrs.get("decode_glitches"):
+            self.emit("warning", {"message": f"{state.path}: {attrs['decode_glitches']} isolated decode error(s) "
+                                             f"skipped by ffmpeg; the video is kept (recorded as decode_glitches)"})
         seconds = len(state.visual)
         self.report.done.append(vid)
         self.report.seconds_of_video += seconds
         self.emit("video", {"id": vid, "status": "done", "seconds": seconds})
 
-    def fail(self, vid: str, error: str) -> None:
+    def fail(self, vid: str, error: str, transient: bool = False) -> None:
         self.videos.pop(vid, None)
         self.report.failed[vid] = error
-        self.writer.put_failure(vid, str(self.todo[vid]), error)
+        self.writer.put_failure(vid, str(self.todo[vid]), error, transient)
         self.emit("video", {"id": vid, "status": "failed", "error": error})
 
 
@@ -284,7 +287,8 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
             emit("warning", {"message": text})
         todo = plan(paths, cache, config, report)
         for vid in list(report.failed):
-            cache.put_failure(vid, str(assign_ids(paths).get(vid, "")), report.failed[vid])
+            if id_problem(vid) is None:
+                cache.put_failure(vid, str(assign_ids(paths).get(vid, "")), report.failed[vid])
         resumed = _resumable(todo, partial, backbones.spec(config.sampling))
         report.resumed_seconds = sum(len(v) for v in resumed.values())
         emit("start", {"total": report.total, "todo": len(todo), "skipped": len(report.skipped),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from avepipe import media
-from avepipe.backbones import vggish as vggish_mod
+from avepipe.backbones import logmel
 from avepipe.backbones.extractor import Backbones
 from avepipe.cache import FeatureCache
 from avepipe.checkpoint import class_name, known_classes, load_checkpoint
@@ -352,6 +352,6 @@ def _query_features(config: LocalizeConfig, localizer: Localizer, cache: Feature
         raise UsageError(f"query {exc}") from None
     if end > info.seconds:
         raise UsageError(f"--query-span {start}-{end}: {config.query_audio} has {info.seconds} s")
-    examples, _ = vggish_mod.waveform_to_examples(wave, rate, info.seconds)
+    examples, _ = logmel.waveform_to_examples(wave, rate, info.seconds)
     backbones = Backbones(extract_config, localizer.device, visual=False)
     return backbones.audio(examples[start:end])

@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,6 +51,19 @@ class MediaTooShortError(MediaError):
     kind = "shorter than 1 s"
 
 
+class TooFewFramesError(MediaError):
+    kind = "too few frames per second"
+
+
+class StalledDecodeError(MediaError):
+    kind = "decoder stalled"
+
+
+class InterruptedDecodeError(MediaError):
+    kind = "decoder interrupted"
+    transient = True  # ffmpeg was killed by a signal that did not come from avepipe: worth another try
+
+
 @functools.lru_cache(maxsize=1)
 def ffmpeg_binary() -> str:
     """Path of the ffmpeg executable: ``$AVEPIPE_FFMPEG``, the system one, or imageio-ffmpeg's static build."""
@@ -77,6 +91,8 @@ class MediaInfo:
     sample_rate: int
 
 
+_INPUT_FORMAT = re.compile(r"Input #0, ([\w,]+?), from")
+_IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif", "apng"}
 _DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
 _STREAM = re.compile(r"Stream #0:(\d+)[^:]*:\s*(Video|Audio):(.*)")
 _SIZE = re.compile(r",\s(\d+)x(\d+)(?=[\s,\[]|$)")
@@ -130,6 +146,9 @@ def _parse_header(path: str, stderr: str, require_video: bool = True) -> MediaIn
     streams = [m for m in (_STREAM.search(ln) for ln in stderr.splitlines()) if m]
     if not streams:
         raise _classify_open_error(path, stderr)
+    container = _INPUT_FORMAT.search(stderr)
+    if container and (container.group(1) in _IMAGE_FORMATS or container.group(1).endswith("_pipe")):
+        raise NotMediaError(path, f"a still image ({container.group(1)}), not a video")
     video = next((m for m in streams if m.group(2) == "Video" and "attached pic" not in m.group(3)), None)
     audio = next((m for m in streams if m.group(2) == "Audio"), None)
     if video is None and (require_video or audio is None):
@@ -178,7 +197,7 @@ class MediaIndex:
     audio_end: float  # seconds: end of the last audio packet
 
 
-def index(path: str | os.PathLike) -> MediaIndex:
+def index(path: str | os.PathLike, timeout_s: float | None = None) -> MediaIndex:
     """Probe ``path`` and index its packets in one pass that reads the file but decodes nothing.
 
     ffmpeg stream-copies the first video and audio streams into its ``framecrc`` muxer, which prints one line per
@@ -189,11 +208,14 @@ def index(path: str | os.PathLike) -> MediaIndex:
     packets end early; the later stream must reach the container duration within ``TRUNCATION_SLACK_S``.
     """
     path = _check_file(path)
-    proc = subprocess.run(
-        [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", path, "-map", "0:V:0?", "-map", "0:a:0?",
-         "-c", "copy", "-f", "framecrc", "-"],
-        capture_output=True, errors="replace", text=True,
-    )
+    try:
+        proc = subprocess.run(
+            [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", path, "-map", "0:V:0?", "-map", "0:a:0?",
+             "-c", "copy", "-f", "framecrc", "-"],
+            capture_output=True, errors="replace", text=True, timeout=timeout_s, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise StalledDecodeError(path, f"reading the packets took more than {timeout_s:g} s") from None
     info = _parse_header(path, proc.stderr)
     fatal = _fatal_error(proc.stderr)
     if proc.returncode != 0 or fatal:
@@ -242,16 +264,22 @@ _FATAL_MARKERS = ("partial file", "invalid data found", "moov atom not found", "
 def _fatal_error(stderr: str) -> str | None:
     for line in stderr.splitlines():
         lower = line.lower()
-        if "error while decoding" in lower:
+        if _is_decoder_glitch(lower):
             continue  # an isolated glitch: the decoder skips the packet and goes on (see decode_glitches)
         if any(marker in lower for marker in _FATAL_MARKERS):
             return re.sub(r"^\[[^\]]*\]\s*", "", line.strip())
     return None
 
 
+def _is_decoder_glitch(lower: str) -> bool:
+    """A decoder's complaint about one packet (ffmpeg skips or conceals it and goes on), not a broken file."""
+    return ("[dec:" in lower or "error while decoding" in lower or "submitting packet to decoder" in lower
+            or "error decoding" in lower)
+
+
 def decode_glitches(stderr: str) -> int:
     """Isolated decode errors ffmpeg reported and skipped (a damaged packet): the file is still usable."""
-    return sum("error while decoding" in line.lower() for line in stderr.splitlines())
+    return sum(_is_decoder_glitch(line.lower()) for line in stderr.splitlines())
 
 
 def _last_error(stderr: str, path: str) -> str:
@@ -376,23 +404,59 @@ def resize_like_opencv(frame: np.ndarray, out: np.ndarray | None = None, size: i
     return cv2.resize(frame, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
 
 
+@dataclass(frozen=True)
+class FrameSelection:
+    """Which decoded frames leave ffmpeg: those with index ``n < limit`` and ``n % period`` in ``residues``.
+
+    The AVE sampling is periodic (frame ``l*interval + int(i/16*interval)``), so this describes it exactly; frames not
+    selected are dropped inside ffmpeg before their colour conversion, so they cost neither conversion nor transfer."""
+
+    period: int
+    residues: tuple[int, ...]
+    limit: int
+
+    def expression(self) -> str:
+        terms = "+".join(f"eq(mod(n\\,{self.period})\\,{r})" for r in self.residues)
+        return f"lt(n\\,{self.limit})*({terms})"
+
+
+@dataclass
+class DecodeReport:
+    """What ffmpeg says at the end of a decode."""
+
+    frames_decoded: int  # frames the video decoder returned (selected or not)
+    glitches: int  # isolated decode errors ffmpeg skipped (a damaged packet), over both streams
+
+
+_STREAM_STATS = re.compile(r"Input stream #0:(\d+) \((\w+)\): \d+ packets read \(\d+ bytes\); (\d+) (?:frames|samples) "
+                           r"decoded;(?: \d+ decoded frames;)? (\d+) decode errors")
+_LEVEL = re.compile(r"\[(panic|fatal|error|warning|info|verbose)\]\s?")
+_PROBLEM_LEVELS = ("panic", "fatal", "error", "warning")
+
+
 class Decoder:
-    """One ffmpeg process that decodes a file once: every video frame (native size, RGB, in the order a decoder returns
-    them, as OpenCV's ``VideoCapture`` does: ``-fps_mode passthrough``) on stdout, and the audio track as a float32 WAV
-    on a second pipe (read by a thread, so neither pipe can block the other).
+    """One ffmpeg process that decodes a file once: the video frames (native size, RGB, in the order a decoder returns
+    them, as OpenCV's ``VideoCapture`` does: ``-fps_mode passthrough``; only the ``select``-ed ones when a
+    :class:`FrameSelection` is given) on stdout, and the audio track as a float32 WAV on a second pipe (read by a
+    thread, so neither pipe can block the other).
 
     Iterate for the frames (one reused ``[H, W, 3]`` array: copy or resize what you keep), then call :meth:`finish`
     for the audio and the decode report; it raises :class:`CorruptMediaError` when ffmpeg failed.
     """
 
-    def __init__(self, info: MediaInfo, threads: int = 1, audio: bool = True):
+    def __init__(self, info: MediaInfo, threads: int = 1, audio: bool = True, select: FrameSelection | None = None,
+                 stall_s: float = 0.0):
         self.info = info
         self.frames_read = 0
+        self.stall_s = stall_s  # > 0: end ffmpeg when it produces nothing for this long while we wait on it
+        self._waiting_since: float | None = None
+        self.stalled = False
         read_fd, write_fd = os.pipe() if audio else (None, None)
-        cmd = [ffmpeg_binary(), "-hide_banner", "-nostdin", "-loglevel", "error", "-threads", str(max(1, threads)),
-               "-noautorotate", "-i", info.path,
-               "-map", f"0:{info.video_stream}", "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24",
-               "pipe:1"]
+        cmd = [ffmpeg_binary(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+verbose",
+               "-threads", str(max(1, threads)), "-noautorotate", "-i", info.path, "-map", f"0:{info.video_stream}"]
+        if select is not None:
+            cmd += ["-vf", f"select='{select.expression()}'"]
+        cmd += ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
         if audio:
             cmd += ["-map", f"0:{info.audio_stream}", "-map_metadata", "-1", "-acodec", "pcm_f32le", "-f", "wav",
                     f"pipe:{write_fd}"]
@@ -401,6 +465,7 @@ class Decoder:
         self._audio_bytes: list[bytes] = []
         self._stderr: list[bytes] = []
         self._threads = [threading.Thread(target=_drain, args=(self._proc.stderr, self._stderr), daemon=True)]
+        self._audio_file = None
         if audio:
             os.close(write_fd)
             self._audio_file = os.fdopen(read_fd, "rb")
@@ -408,6 +473,18 @@ class Decoder:
                                                   daemon=True))
         for thread in self._threads:
             thread.start()
+        if stall_s > 0:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        """End a hung ffmpeg (no output while we wait on it; waiting for the consumer does not count)."""
+        while self._proc.poll() is None:
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self.stall_s:
+                self.stalled = True
+                self._proc.kill()
+                return
+            time.sleep(min(1.0, self.stall_s / 4))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         width, height = self.info.width, self.info.height
@@ -419,17 +496,24 @@ class Decoder:
         frame = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
         while True:
             got = 0
+            self._waiting_since = time.monotonic()
             while got < frame_bytes:
                 n = stdout.readinto(view[got:])
                 if not n:
                     break
                 got += n
+            self._waiting_since = None
+            self._check_stall()
             if got == 0:
                 return
             if got < frame_bytes:
                 raise CorruptMediaError(self.info.path, "video stream ends in the middle of a frame")
             self.frames_read += 1
             yield frame
+
+    def _check_stall(self) -> None:
+        if self.stalled:
+            raise StalledDecodeError(self.info.path, f"ffmpeg produced no frame for {self.stall_s:g} s")
 
     def close(self) -> None:
         """Stop early (a failure elsewhere): end the process, keep nothing."""
@@ -438,29 +522,45 @@ class Decoder:
         self._proc.wait()
         for thread in self._threads:
             thread.join(timeout=5)
-        for pipe in (self._proc.stdout, getattr(self, "_audio_file", None)):
+        for pipe in (self._proc.stdout, self._audio_file):
             if pipe is not None:
                 pipe.close()
 
-    def finish(self) -> tuple[np.ndarray | None, int, int]:
-        """After the frames: (mono float32 waveform or None, its sample rate, isolated decode glitches)."""
+    def finish(self) -> tuple[np.ndarray | None, int, DecodeReport]:
+        """After the frames: (mono float32 waveform or None, its sample rate, what the decode reported)."""
         if self._proc.stdout is not None:
+            self._waiting_since = time.monotonic()
             self._proc.stdout.read()  # frames nobody asked for (iteration stopped early): let ffmpeg end
         returncode = self._proc.wait()
+        self._waiting_since = None
+        self._check_stall()
         for thread in self._threads:
             thread.join()
         self.close()
-        stderr = b"".join(self._stderr).decode(errors="replace")
+        problems, stats = [], {}
+        for line in b"".join(self._stderr).decode(errors="replace").splitlines():
+            level = _LEVEL.search(line)
+            text = _LEVEL.sub("", line, count=1)
+            if level and level.group(1) in _PROBLEM_LEVELS:
+                problems.append(text)
+            found = _STREAM_STATS.search(text)
+            if found:
+                stats[found.group(2)] = (int(found.group(3)), int(found.group(4)))
+        stderr = "\n".join(problems)
+        if returncode < 0:
+            raise InterruptedDecodeError(self.info.path, f"ffmpeg ended by signal {-returncode}")
         fatal = _fatal_error(stderr)
         if returncode != 0 or fatal:
             raise CorruptMediaError(self.info.path, fatal or _last_error(stderr, self.info.path) or "ffmpeg failed")
-        if self.frames_read == 0:
+        decoded = stats.get("video", (self.frames_read, 0))[0]
+        if decoded == 0:
             raise CorruptMediaError(self.info.path, "no video frame could be decoded")
-        glitches = decode_glitches(stderr)
+        glitches = max(sum(errors for _, errors in stats.values()), decode_glitches(stderr))
+        report = DecodeReport(decoded, glitches)
         if not self._audio_bytes:
-            return None, 0, glitches
+            return None, 0, report
         wave, rate = _mono_from_wav(b"".join(self._audio_bytes), self.info.path)
-        return wave, rate, glitches
+        return wave, rate, report
 
 
 def _drain(pipe, sink: list[bytes]) -> None:

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from avepipe.backbones.extractor import resolve_precision
-from avepipe.cache import FeatureCache, describe_spec_difference
-from avepipe.decode import exit_with_parent
+from avepipe.cache import FeatureCache, describe_spec_difference, id_problem
+from avepipe.decode import exit_with_parent, start_processes
 from avepipe.devices import resolve_device
 from avepipe.errors import AvepipeError, SpecMismatchError, UsageError
 from avepipe.extract import ExtractReport, Progress, plan, run_extract
@@ -195,7 +195,8 @@ def run_multi_device(paths: list[Path], cache_path: str | os.PathLike, names: li
         fold(target, leftover_shard_caches(target_path))
         todo = plan(paths, target, replace(config, shard=None), report)
         for vid, message in report.failed.items():  # an id already in the cache for another file
-            target.put_failure(vid, str(assign_ids(paths)[vid]), message)
+            if id_problem(vid) is None:
+                target.put_failure(vid, str(assign_ids(paths)[vid]), message)
         shares: list[dict[str, Path]] = [{} for _ in names]
         for vid, path in todo.items():
             shares[shard_of(vid, n)][vid] = path
@@ -231,8 +232,7 @@ def run_device_processes(jobs: list[tuple], report: MultiDeviceReport, emit: Pro
     # Not daemons: a device process starts its own decoder processes. Each watches this process and exits with it.
     procs = {k: ctx.Process(target=_device_main, args=(k, paths, cache, config, threads, events))
              for k, paths, cache, config, threads in jobs}
-    for proc in procs.values():
-        proc.start()
+    start_processes(list(procs.values()))
     pending = set(procs)
     refused: list[str] = []
     seen_warnings: set[str] = set()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avepipe.cache import FeatureCache
+from avepipe.cache import FeatureCache, id_problem
 from avepipe.inputs import assign_ids, select_shard
 from avepipe.settings import ExtractConfig
 
@@ -50,11 +50,25 @@ def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: 
                                       f"({attrs.get('source_path')}); rename one of them")
                 continue
             # Same path, changed file: extract again (the new entry replaces the old one).
-        if vid in failures and not config.retry_failed:
+        problem = id_problem(vid)
+        if problem:  # cannot be stored, not even as a failure: reported, and the batch goes on
+            report.failed[vid] = f"{path}: {problem}; rename the file"
+            continue
+        if vid in failures and not config.retry_failed and not retries_on_its_own(failures[vid], path):
             report.previously_failed[vid] = failures[vid].get("error", "failed earlier")
             continue
         todo[vid] = path
     return todo
+
+
+def retries_on_its_own(record: dict[str, Any], path: Path) -> bool:
+    """A recorded failure is retried without --retry-failed when its cause was transient (a killed decoder) or when
+    the file changed since (size or mtime)."""
+    if record.get("transient"):
+        return True
+    if "source_size" not in record:
+        return False
+    return not same_source(record, path)
 
 
 def source_fields(path: Path) -> dict[str, Any]:

@@ -26,6 +26,10 @@ class TooShortError(ValueError):
     """The media lasts less than one whole second."""
 
 
+class TooFewFramesError(ValueError):
+    """Fewer video frames than seconds (a slideshow): no frame for some seconds."""
+
+
 def whole_seconds(duration: float) -> int:
     """Number of labelled seconds ``T`` of a clip lasting ``duration`` seconds."""
     if not math.isfinite(duration) or duration <= 0:
@@ -42,7 +46,7 @@ def frame_interval(n_frames: int, duration: float) -> int:
     span = seconds if duration < seconds + TOLERANCE_S else duration
     interval = int(n_frames / span)
     if interval < 1:
-        raise TooShortError(f"{n_frames} frames in {duration:.2f} s: fewer than one frame per second")
+        raise TooFewFramesError(f"{n_frames} frames in {duration:.2f} s: fewer than one frame per second")
     return interval
 
 

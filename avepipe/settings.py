@@ -22,6 +22,7 @@ class DecodeConfig:
     sampling: str = "ave"  # see SAMPLING_MODES
     workers: int = -1  # decode processes; -1: one per core (default_workers); 0: decode in the calling process
     decoder_threads: int = 0  # ffmpeg decoder threads per process; 0: cores // workers (at least 1)
+    stall_seconds: float = 300.0  # a video whose ffmpeg produces nothing for this long is a failure (0: wait forever)
 
 
 @dataclass
@@ -43,4 +44,5 @@ class ExtractConfig(DecodeConfig, BackboneConfig):
     from_decoded: str | None = None  # read frames + log-mel from an `avepipe decode` store instead of decoding
 
     def decode_part(self) -> DecodeConfig:
-        return DecodeConfig(sampling=self.sampling, workers=self.workers, decoder_threads=self.decoder_threads)
+        return DecodeConfig(sampling=self.sampling, workers=self.workers, decoder_threads=self.decoder_threads,
+                            stall_seconds=self.stall_seconds)

@@ -23,8 +23,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avepipe.extract import ExtractConfig, run_extract  # noqa: E402
+from avepipe.backbones.extractor import Backbones, VisualResult  # noqa: E402
+from avepipe.extract import run_extract  # noqa: E402
 from avepipe.media import ffmpeg_binary  # noqa: E402
+from avepipe.settings import ExtractConfig  # noqa: E402
+
+
+def use_null_backbone() -> None:
+    """Benchmark only: VGG-19 and VGGish replaced by zero-cost stand-ins, so what is left is decoding, transport,
+    batching and cache writes (the part of extract that must stay within 10 % of the decode bound)."""
+    import numpy as np
+    import torch
+
+    def visual_async(self, frames):  # noqa: ANN001, ANN202
+        return VisualResult(torch.zeros((frames.shape[0], 7, 7, 512)))
+
+    def audio(self, examples):  # noqa: ANN001, ANN202
+        return np.zeros((examples.shape[0], 128), np.float32)
+
+    Backbones.visual_async, Backbones.audio = visual_async, audio
 
 
 def cut_clips(source: Path, folder: Path, count: int, seconds: float) -> list[Path]:
@@ -71,24 +88,31 @@ def main() -> None:
     media = os.environ.get("AVEPIPE_TEST_MEDIA", "../shared/media")
     parser.add_argument("--source", default=os.path.join(media, "bbb.mp4"))
     parser.add_argument("--clip-dir", default=".bench/clips")
+    parser.add_argument("--null-backbone", action="store_true", help="zero-cost stand-ins for VGG-19 and VGGish")
     args = parser.parse_args()
+    if args.null_backbone:
+        use_null_backbone()
 
     clips = cut_clips(Path(args.source), Path(args.clip_dir), args.clips, args.seconds)
     bound = decode_bound(clips, args.workers)
     config = ExtractConfig(device=args.device, batch_size=args.batch_size, workers=args.workers,
                            vgg19_weights=args.vgg19_weights, vggish_weights=args.vggish_weights,
                            sampling=args.sampling, precision=args.precision)
+    started: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        report = run_extract(clips, Path(tmp) / "bench.h5", config)
-        wall = time.perf_counter() - start
+        report = run_extract(clips, Path(tmp) / "bench.h5", config,
+                             lambda event, fields: started.append(time.perf_counter()) if event == "start" else None)
+        end = time.perf_counter()
+    wall, work = end - start, end - started[0]
     assert len(report.done) == len(clips), report.failed
-    ours = len(clips) / wall
+    ours, ours_work = len(clips) / wall, len(clips) / work
     print(f"clips: {len(clips)} x {args.seconds:.0f} s 720p, workers: {args.workers}, device: {config.device}, "
-          f"sampling: {args.sampling}, precision: {args.precision}")
+          f"sampling: {args.sampling}, precision: {args.precision}, null backbone: {args.null_backbone}")
     print(f"decode bound (ffmpeg decode + scale 224, {args.workers} processes): {bound:.2f} videos/s")
     print(f"avepipe extract (model load included):                  {ours:.2f} videos/s")
-    print(f"ratio extract / decode bound: {ours / bound:.2f}")
+    print(f"avepipe extract (after start-up: weights loaded, cache opened): {ours_work:.2f} videos/s")
+    print(f"ratio extract / decode bound: {ours / bound:.2f} (after start-up: {ours_work / bound:.2f})")
 
 
 if __name__ == "__main__":

@@ -152,3 +152,24 @@ def test_a_long_video_resumes_from_its_last_staged_second(tmp_path):
     a, b = FeatureCache(tmp_path / "clean.h5").get("long"), FeatureCache(tmp_path / "cut.h5").get("long")
     np.testing.assert_allclose(a.visual, b.visual, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(a.audio, b.audio)
+
+
+def test_visual_features_equal_the_recipe_on_real_files(real_cache, media_dir, vgg19_weights):
+    """Features in the cache against VGG-19 pool5 of the recipe's frames (VideoCapture + cv2.resize), real weights."""
+    import torch
+
+    from avepipe.backbones.vgg19 import load_vgg19
+    from avepipe.cache import FeatureCache
+
+    cache, result = real_cache
+    assert result.returncode == 0, result.stderr
+    model = load_vgg19(vgg19_weights)
+    reader = FeatureCache(cache)
+    for name in ("fire2", "sample_1s"):
+        entry = reader.get(name)
+        frames = recipe_frames(media_dir / f"{name}.mp4", entry.attrs["duration"])
+        with torch.inference_mode():
+            pool5 = model(torch.from_numpy(frames.reshape(-1, 224, 224, 3))).numpy()
+        expected = pool5.reshape(len(frames), 16, 7, 7, 512).mean(axis=1)
+        relative = np.abs(entry.visual - expected).sum() / np.abs(expected).sum()
+        assert relative < 1e-3, (name, relative)

@@ -16,7 +16,8 @@ import torch
 from avepipe import media
 from avepipe.decode import decode_file
 from avepipe.backbones.vgg19 import load_vgg19
-from avepipe.backbones.vggish import load_vggish, waveform_to_examples
+from avepipe.backbones.logmel import waveform_to_examples
+from avepipe.backbones.vggish import load_vggish
 from avepipe.cache import FeatureCache
 from tests.helpers import make_clip, run_cli
 

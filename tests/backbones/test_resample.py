@@ -12,12 +12,7 @@ import pytest
 
 from avepipe.backbones import resample as resample_mod
 from avepipe.backbones.resample import output_length, resample
-from avepipe.backbones.vggish import (
-    log_mel_spectrogram,
-    resample_to_16k,
-    samples_for_examples,
-    waveform_to_examples,
-)
+from avepipe.backbones.logmel import log_mel_spectrogram, resample_to_16k, samples_for_examples, waveform_to_examples
 
 resampy = pytest.importorskip("resampy")
 
@@ -162,7 +157,7 @@ def test_no_numba_import():
         from avepipe.backbones.resample import resample
         resample(np.random.default_rng(0).uniform(-1, 1, 44100), 44100, 16000)
         assert "numba" not in sys.modules and "resampy" not in sys.modules, "resample imported numba"
-        from avepipe.backbones.vggish import waveform_to_examples
+        from avepipe.backbones.logmel import waveform_to_examples
         waveform_to_examples(np.zeros(48000, np.float32), 48000, num_examples=1)
         assert "numba" not in sys.modules and "resampy" not in sys.modules, "vggish imported numba"
         """

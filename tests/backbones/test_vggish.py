@@ -10,15 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avepipe.backbones.vggish import (
-    PCAPostprocessor,
-    VGGish,
-    load_vggish,
-    log_mel_spectrogram,
-    make_vggish_state_dict,
-    resample_to_16k,
-    waveform_to_examples,
-)
+from avepipe.backbones.logmel import log_mel_spectrogram, resample_to_16k, waveform_to_examples
+from avepipe.backbones.vggish import PCAPostprocessor, VGGish, load_vggish, make_vggish_state_dict
 
 SR = 16000
 
