@@ -88,6 +88,18 @@ def id_problem(video_id: str) -> str | None:
     return None
 
 
+def _write_error(where: Path, exc: OSError, needed: int = 0) -> CacheError:
+    """A one-line CacheError for a failed write (permission, read-only file system, disk full)."""
+    import errno
+
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheError(f"cannot write {where} ({exc.strerror.lower()})")
+    if exc.errno == errno.ENOSPC:
+        extra = f"; compaction needs about {needed / 1e6:.0f} MB free" if needed else ""
+        return CacheError(f"no space left on the device of {where}: finished videos stay staged{extra}")
+    return CacheError(f"cannot write {where}: {exc.strerror or exc}")
+
+
 def _check_id(video_id: str) -> None:
     problem = id_problem(video_id)
     if problem:
@@ -107,13 +119,20 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' or 'a'")
-        self.path = Path(path)
+        # A symlinked cache: lock, stage and replace the real file (a rename onto the link would replace the link).
+        self.path = Path(os.path.realpath(path))
         self.mode = mode
         self.staging = self.path.with_name(self.path.name + ".staging")
         self._lock_handle = None
+        self.quarantined: list[str] = []  # staged files set aside as unreadable (see _quarantine)
+        self._created = not self.path.exists() and not self.staging.exists()
         if mode == "a":
             self._acquire_lock()
-            self.staging.mkdir(parents=True, exist_ok=True)
+            try:
+                self.staging.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self.close()
+                raise _write_error(self.staging, exc) from None
             for leftover in self.staging.glob(".*.tmp*"):
                 leftover.unlink()  # a killed writer's half-written entry: never trusted
             for leftover in self.path.parent.glob(f".{self.path.name}.compact-*"):
@@ -124,9 +143,12 @@ class FeatureCache:
 
     # -- locking -------------------------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
-        handle = open(lock_path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a+")
+        except OSError as exc:
+            raise _write_error(self.path.parent, exc) from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -143,11 +165,26 @@ class FeatureCache:
         handle.flush()
         self._lock_handle = handle
 
+    def discard_if_unused(self) -> None:
+        """Writers that stop before writing anything (a usage error at start): remove what opening created, so a
+        failed start leaves no ``F.h5``, ``F.h5.lock`` or ``F.h5.staging/`` behind."""
+        if self._lock_handle is None or not self._created:
+            return
+        if self.path.exists() or any(self.staging.iterdir()):
+            return
+        self.staging.rmdir()
+        self.path.with_name(self.path.name + ".lock").unlink(missing_ok=True)
+        fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+        self._lock_handle.close()
+        self._lock_handle = None
+
     def close(self) -> None:
         """Compact staged entries (writers) and release the lock."""
         if self._lock_handle is not None:
             try:
                 self.compact()
+            except OSError as exc:  # e.g. disk full: the staged entries stay, the next writer compacts them
+                raise _write_error(self.path.parent, exc, self.staged_bytes()) from None
             finally:
                 fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
                 self._lock_handle.close()
@@ -203,8 +240,19 @@ class FeatureCache:
         out = {}
         for p in sorted(self.staging.glob(f"*{FAILED_SUFFIX}")):
             if not p.name.startswith("."):
-                out[p.name[: -len(FAILED_SUFFIX)]] = json.loads(p.read_text())
+                try:
+                    out[p.name[: -len(FAILED_SUFFIX)]] = json.loads(p.read_text())
+                except (OSError, ValueError):
+                    self._quarantine(p)
         return out
+
+    def _quarantine(self, path: Path) -> None:
+        """Set aside a staged file that cannot be read (``NAME.corrupt``): named in ``quarantined``, never trusted,
+        never fatal to the rest of the cache."""
+        target = path.with_name(path.name + ".corrupt")
+        if self._lock_handle is not None:
+            os.replace(path, target)
+        self.quarantined.append(str(target if self._lock_handle is not None else path))
 
     def _main_ids(self) -> list[str]:
         if not self.path.exists():
@@ -241,7 +289,10 @@ class FeatureCache:
                 for video_id, group in f.get("videos", {}).items():
                     out[video_id] = _attrs(group)
         for video_id in self._staged_ids():
-            out[video_id] = self.attrs(video_id)
+            try:
+                out[video_id] = self.attrs(video_id)
+            except OSError:
+                self._quarantine(self.staging / f"{video_id}{STAGED_SUFFIX}")
         return dict(sorted(out.items()))
 
     def failures(self) -> dict[str, dict[str, Any]]:
@@ -355,9 +406,8 @@ class FeatureCache:
         if not self.staging.is_dir():
             return
         for p in self.staging.iterdir():
-            p.unlink()
-        self.staging.rmdir()
-        self.staging.mkdir()
+            if not p.name.endswith(".corrupt"):  # quarantined files stay for the user to inspect
+                p.unlink()
 
     def _rewrite(self, spec: dict[str, Any] | None) -> None:
         staged = set(self._staged_ids())
@@ -376,8 +426,13 @@ class FeatureCache:
                 old_ids = set(old["videos"].keys()) if old is not None and "videos" in old else set()
                 for video_id in sorted(old_ids | staged):
                     if video_id in staged:
-                        with h5py.File(self.staging / f"{video_id}{STAGED_SUFFIX}", "r") as src:
-                            src.copy(src["/"], videos, name=video_id)
+                        try:
+                            with h5py.File(self.staging / f"{video_id}{STAGED_SUFFIX}", "r") as src:
+                                src.copy(src["/"], videos, name=video_id)
+                        except OSError:
+                            if video_id in videos:
+                                del videos[video_id]
+                            self._quarantine(self.staging / f"{video_id}{STAGED_SUFFIX}")
                     else:
                         old.copy(old["videos"][video_id], videos, name=video_id)
                 failed = out.create_group("failed")
@@ -445,6 +500,7 @@ def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, overwrite: bo
     try:
         if out.exists():
             out.unlink()  # overwrite: start from nothing
+        writer._clear_staging()  # and nothing staged by an earlier writer of that output
         if spec is not None:
             writer.ensure_spec(spec)
         for video_id, reader in sorted(owner.items()):

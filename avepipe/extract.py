@@ -39,7 +39,7 @@ from avepipe.decode import (
 )
 from avepipe.decoded import DecodedSource
 from avepipe.devices import resolve_device
-from avepipe.errors import UsageError
+from avepipe.errors import AvepipeError, UsageError
 from avepipe.inputs import assign_ids
 from avepipe.partial import PartialStore
 from avepipe.planning import BatchReport, plan, source_fields
@@ -280,12 +280,18 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
     cache = FeatureCache(cache_path, "a")  # takes the writer lock first: a second writer fails fast
     partial = PartialStore(cache_path)
     try:
-        backbones = Backbones(config, device)
-        cache.ensure_spec(backbones.spec(config.sampling))
+        try:
+            backbones = Backbones(config, device)
+            cache.ensure_spec(backbones.spec(config.sampling))
+        except AvepipeError:
+            cache.discard_if_unused()  # a refused start leaves no cache, lock or staging folder behind
+            raise
         report.warnings = backbones.warnings()
         for text in report.warnings:
             emit("warning", {"message": text})
         todo = plan(paths, cache, config, report)
+        for name in cache.quarantined:
+            emit("warning", {"message": f"{name}: unreadable staged file set aside (not used)"})
         for vid in list(report.failed):
             if id_problem(vid) is None:
                 cache.put_failure(vid, str(assign_ids(paths).get(vid, "")), report.failed[vid])

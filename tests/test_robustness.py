@@ -170,3 +170,93 @@ def test_python_api_runs_from_a_plain_script_without_main_guard(tmp_path, media_
         assert "DONE ['fire2', 'sample_1s'] {}" in out.stdout, out.stderr
     with h5py.File(tmp_path / "d.h5", "r") as f:
         assert np.asarray(f["videos/fire2/frames"]).shape == (2, 16, 224, 224, 3)
+
+
+# -- the cache: signals, permissions, disks -------------------------------------------------------------------------
+
+def test_a_usage_error_at_start_leaves_nothing_behind(tmp_path, small_clip):
+    from avepipe.errors import WeightsError
+    from avepipe.extract import run_extract
+
+    config = ExtractConfig(vgg19_weights=str(tmp_path / "missing.h5"), vggish_weights="random", device="cpu",
+                           workers=0)
+    with pytest.raises(WeightsError, match="VGG-19 weights not found"):
+        run_extract([small_clip], tmp_path / "F.h5", config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+@pytest.fixture()
+def small_clip(tmp_path) -> Path:
+    return make_clip(tmp_path / "v.mp4", 1.0, size="64x48")
+
+
+def test_a_symlinked_cache_writes_the_real_file(tmp_path):
+    real_dir, link_dir = tmp_path / "disk", tmp_path / "here"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    writer = FeatureCache(real_dir / "real.h5", "a")
+    writer.ensure_spec({"spec_version": 1})
+    writer.close()
+    (link_dir / "linked.h5").symlink_to(real_dir / "real.h5")
+    writer = FeatureCache(link_dir / "linked.h5", "a")
+    writer.put("a", np.zeros((1, 7, 7, 512), np.float32), np.zeros((1, 128), np.float32), {"seconds": 1})
+    writer.close()
+    assert (link_dir / "linked.h5").is_symlink()
+    assert FeatureCache(real_dir / "real.h5").ids() == ["a"]
+
+
+def test_merge_overwrite_starts_clean(tmp_path):
+    from avepipe.cache import merge
+
+    def cache_with(path: Path, vid: str) -> Path:
+        writer = FeatureCache(path, "a")
+        writer.ensure_spec({"spec_version": 1})
+        writer.put(vid, np.zeros((1, 7, 7, 512), np.float32), np.zeros((1, 128), np.float32), {"seconds": 1})
+        writer.close()
+        return path
+
+    source = cache_with(tmp_path / "a.h5", "a")
+    out = cache_with(tmp_path / "out.h5", "stale")
+    stale = tmp_path / "out.h5.staging" / "leftover.h5"
+    stale.write_bytes((tmp_path / "a.h5").read_bytes())  # a killed writer's staged entry of the output
+    merge([source], out, overwrite=True)
+    assert FeatureCache(out).ids() == ["a"]
+
+
+def test_one_corrupt_staged_entry_is_quarantined_and_named(tmp_path):
+    writer = FeatureCache(tmp_path / "F.h5", "a")
+    writer.ensure_spec({"spec_version": 1})
+    writer.put("good", np.zeros((1, 7, 7, 512), np.float32), np.zeros((1, 128), np.float32), {"seconds": 1})
+    (tmp_path / "F.h5.staging" / "bad.h5").write_bytes(b"garbage, not HDF5")
+    (tmp_path / "F.h5.staging" / "worse.failed.json").write_text("{not json")
+    assert sorted(writer.all_attrs()) == ["good"]
+    assert writer.failures() == {}
+    writer.close()
+    assert sorted(Path(p).name for p in writer.quarantined) == ["bad.h5.corrupt", "worse.failed.json.corrupt"]
+    assert FeatureCache(tmp_path / "F.h5").ids() == ["good"]
+    assert (tmp_path / "F.h5.staging" / "bad.h5.corrupt").exists()
+
+
+def test_an_unwritable_cache_location_is_a_clear_error(tmp_path):
+    from avepipe.errors import CacheError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(CacheError, match="cannot write"):
+        FeatureCache(blocker / "sub" / "F.h5", "a")
+
+
+def test_pca_parameters_are_part_of_the_feature_spec(tmp_path, weights_dir):
+    import torch
+
+    from avepipe.backbones.extractor import Backbones
+
+    other = tmp_path / "other_pca.npz"
+    params = dict(np.load(weights_dir / "vggish_pca_params.npz"))
+    params["pca_means"] = params["pca_means"] + 1
+    np.savez(other, **params)
+    specs = []
+    for pca_file in (weights_dir / "vggish_pca_params.npz", other):
+        config = ExtractConfig(vgg19_weights="random", vggish_weights="random", pca=True, pca_params=str(pca_file))
+        specs.append(Backbones(config, torch.device("cpu")).spec("ave"))
+    assert specs[0]["pca_sha256"] != specs[1]["pca_sha256"]

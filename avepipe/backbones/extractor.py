@@ -127,7 +127,7 @@ class Backbones:
         return out
 
     def spec(self, sampling: str) -> dict[str, Any]:
-        return {
+        spec = {
             "spec_version": SPEC_VERSION,
             "sampling": sampling,
             "visual": "vgg19-keras-imagenet/block5_pool/mean-of-16",
@@ -135,6 +135,9 @@ class Backbones:
             "vgg19_sha256": self.vgg19_info.sha256,
             "vggish_sha256": self.vggish_info.sha256,
         }
+        if self.pca_info is not None:  # PCA parameters change the audio features: caches of other files never mix
+            spec["pca_sha256"] = self.pca_info.sha256
+        return spec
 
     def entry_attrs(self, sampling: str) -> dict[str, Any]:
         attrs = {
