@@ -4,12 +4,13 @@ Commands raise; they never print errors or pick exit codes themselves. :func:`ex
 turns what a command raises into a one-line message on stderr and the exit code of :mod:`avepipe.errors`: 0 success;
 1 some videos failed (listed, and stored under /failed in the cache); 2 usage error (bad option, unreadable list,
 locked cache, mixed feature specs, missing weights, unusable data or checkpoint); 3 internal error (a bug: one line,
-``AVEPIPE_DEBUG=1`` shows the traceback); 130 interrupted.
+``AVEPIPE_DEBUG=1`` shows the traceback); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, List, Optional
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from avepipe.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, AvepipeError, UsageError
+from avepipe.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_SOME_FAILED, AvepipeError, UsageError
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -33,11 +34,17 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C in a command that can say what it kept (see :func:`on_interrupt`)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C (finished videos are kept) and exits with 143."""
+
+
 @contextmanager
 def on_interrupt(hint: str) -> Iterator[None]:
     """Ctrl-C inside the block is reported as ``interrupted: <hint>``."""
     try:
         yield
+    except Terminated:
+        raise Terminated(hint) from None
     except KeyboardInterrupt:
         raise Interrupted(hint) from None
 
@@ -48,8 +55,10 @@ def exit_code(exc: BaseException) -> int:
         errors.print(f"[bold red]error:[/] [red]{escape(str(exc))}[/]", soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
-        errors.print(f"[yellow]interrupted[/]{': ' + escape(str(exc)) if str(exc) else ''}", soft_wrap=True)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated)
+        word = "terminated (SIGTERM)" if terminated else "interrupted"
+        errors.print(f"[yellow]{word}[/]{': ' + escape(str(exc)) if str(exc) else ''}", soft_wrap=True)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     # A bug, not bad input: one line, the traceback only on request.
     errors.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set AVEPIPE_DEBUG=1 for the "
                  "traceback and please report it)", soft_wrap=True)
@@ -362,22 +371,72 @@ def models_command() -> None:
     """List the registered localization models with their tasks and parameter counts."""
     from avepipe.models import build_model, get_spec, model_names, parameter_count
 
-    table = Table(title="models (parameters at the default config, per task)")
-    for column in ("name", "task", "parameters", "paper"):
+    table = Table(title="models (parameters at the default config, per task; presets: --preset, docs/models.md)")
+    for column in ("name", "task", "parameters", "presets", "paper"):
         table.add_column(column, justify="right" if column == "parameters" else "left")
     for name in model_names():
         spec = get_spec(name)
         for i, task in enumerate(spec.tasks):
             count = parameter_count(build_model(name, task))
-            table.add_row(name if i == 0 else "", task, f"{count:,}", spec.paper if i == 0 else "")
+            table.add_row(name if i == 0 else "", task, f"{count:,}", ", ".join(spec.preset_names()) if i == 0 else "",
+                          spec.paper if i == 0 else "")
     console.print(table)
+
+
+@contextmanager
+def loud_warnings() -> Iterator[None]:
+    """Print avepipe's DataWarnings at once, in bold on stderr (training goes on)."""
+    import warnings
+
+    from avepipe.errors import DataWarning
+
+    def show(message, category, *_args, **_kwargs):
+        if issubclass(category, DataWarning):
+            errors.print(f"[bold yellow]WARNING:[/] [yellow]{escape(str(message))}[/]", soft_wrap=True)
+        else:
+            previous(message, category, *_args, **_kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        previous = warnings.showwarning
+        warnings.showwarning = show
+        yield
+
+
+def comparison_table(result: dict[str, Any]) -> Table:
+    """avepipe's number (test at the val-selected epoch) next to the ORACLE best test epoch and the paper's number."""
+    def pct(value: Any) -> str:
+        return "—" if value is None else f"{100 * value:.1f}" if value <= 1 else f"{value:.1f}"
+
+    table = Table(title=f"{result['model']} {result['task']}{' ' + result['direction'] if result['direction'] else ''}"
+                        f": avepipe vs the paper (%)")
+    for column in ("number", "value", "epoch chosen on"):
+        table.add_column(column)
+    table.add_row(f"this evaluation ({result['split']})", pct(result[result["metric"]]), "—")
+    table.add_row("avepipe: test at the val-selected epoch", pct(result.get("val_selected_test")),
+                  f"val (epoch {result.get('val_selected_epoch')})")
+    table.add_row("ORACLE: best test over epochs", pct(result.get("oracle_best_test")),
+                  f"test (epoch {result.get('oracle_best_test_epoch')}) — not a fair estimate")
+    published = result.get("published") or {}
+    table.add_row(f"paper ({published.get('source', 'no published number')})", pct(published.get("value")),
+                  published.get("selection", "—"))
+    if result["task"] == "weak" and result.get("background_videos") == 0:
+        table.caption = "trained WITHOUT the background-only videos: expect less than the paper's weak number"
+    return table
 
 
 @app.command()
 def train(
     model: Annotated[str, typer.Option("--model", help="Registered model name (see `avepipe models`).")],
     task: Annotated[str, typer.Option("--task", help="supervised, weak or cml.")] = "supervised",
-    direction: Annotated[Optional[str], typer.Option(help="cml only: a2v or v2a.")] = None,
+    direction: Annotated[Optional[str], typer.Option(
+        help="cml only: a2v or v2a (dam: also both, one module trained on both directions).")] = None,
+    preset: Annotated[str, typer.Option(
+        help="paper (the paper's text) or released (the authors' public code); `avepipe models` lists them.")
+    ] = "paper",
+    cml_protocol: Annotated[Optional[str], typer.Option(
+        help="dcmr: leak-free (default: the query modality seen only on its query seconds) or paper (whole "
+             "sequences encoded, as the released code; comparable to the published table).")] = None,
     features: Features = ...,
     annotations: Annotations = ...,
     categories: Categories = None,
@@ -397,6 +456,8 @@ def train(
         help="weak only: audio_feature_noisy.h5 (extra background videos).")] = None,
     noisy_visual: Annotated[Optional[Path], typer.Option(help="weak only: visual_feature_noisy.h5.")] = None,
     noisy_labels: Annotated[Optional[Path], typer.Option(help="weak only: labels_noisy.h5.")] = None,
+    no_noisy: Annotated[bool, typer.Option(
+        "--no-noisy", help="weak only: do not add the background videos found beside the annotations.")] = False,
 ) -> None:
     """Train a model; the checkpoint is chosen on val, test is evaluated once with it."""
     from avepipe.render import TrainProgress, render_train_summary
@@ -410,10 +471,13 @@ def train(
         raise UsageError("--seeds must be at least 1")
     if resume and seeds > 1:
         raise UsageError("--resume works on one run at a time (use --seed N --out RUN/seed-N)")
+    if no_noisy and any(noisy):
+        raise UsageError("--no-noisy contradicts --noisy-audio/--noisy-visual/--noisy-labels")
     options = TrainOptions(model=model, task=task, out_dir=out, direction=direction, seed=seed, device=device,
-                           config_file=config, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume)
+                           config_file=config, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume,
+                           preset=preset, cml_protocol=cml_protocol, train_noisy=not no_noisy)
     paths = DataPaths(features, annotations, categories, splits, noisy if all(noisy) else None)
-    with TrainProgress(console) as progress:
+    with loud_warnings(), TrainProgress(console) as progress:
         if seeds == 1:
             result = train_one(options, paths, progress.epoch)
         else:
@@ -442,8 +506,9 @@ def evaluate(
     if result.get("warning"):
         errors.print(f"[bold yellow]WARNING:[/] {escape(result['warning'])}", soft_wrap=True)
     metric, direction = result["metric"], f" {result['direction']}" if result["direction"] else ""
-    console.print(f"{result['model']} {result['task']}{direction} {split}: {metric} = {result[metric]:.4f} "
-                  f"over {result['rows']} rows")
+    console.print(f"{result['model']} {result['task']}{direction} ({result['preset']} preset) {split}: "
+                  f"{metric} = {result[metric]:.4f} over {result['rows']} rows")
+    console.print(comparison_table(result))
     if out:
         out.write_text(json.dumps(result, indent=2))
 
@@ -487,7 +552,15 @@ def dataset_import_ave(
 
 
 def main() -> None:
+    # SIGTERM (docker stop, Kubernetes, SLURM) is handled like Ctrl-C: the same cleanup, finished work kept, exit 143.
+    signal.signal(signal.SIGTERM, _terminate)
     app()
+
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup must not be interrupted again
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (docker stop, Kubernetes, SLURM): 128 + 15
 
 
 class AvepipeError(Exception):
@@ -71,3 +72,8 @@ class MediaError(AvepipeError):
         self.path = str(path)
         self.reason = reason.strip().splitlines()[0] if reason.strip() else self.kind
         super().__init__(f"{self.path}: {self.kind}: {self.reason}")
+
+
+class DataWarning(UserWarning):
+    """Training runs, but on less than the method's published recipe uses (e.g. the weak task without the released
+    background-only videos); the command line prints it loudly and metrics.json records what was missing."""

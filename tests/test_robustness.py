@@ -260,3 +260,41 @@ def test_pca_parameters_are_part_of_the_feature_spec(tmp_path, weights_dir):
         config = ExtractConfig(vgg19_weights="random", vggish_weights="random", pca=True, pca_params=str(pca_file))
         specs.append(Backbones(config, torch.device("cpu")).spec("ave"))
     assert specs[0]["pca_sha256"] != specs[1]["pca_sha256"]
+
+
+def test_sigterm_is_handled_like_ctrl_c_with_exit_143(tmp_path):
+    import signal
+    import time
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(8):
+        make_clip(folder / f"v{i}.mp4", 1.0, size="64x48", freq=300 + 40 * i)
+    cache = tmp_path / "F.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "avepipe", "extract", str(folder), "--cache", str(cache),
+                             "--workers", "2", "--device", "cpu", "--vgg19-weights", "random",
+                             "--vggish-weights", "random"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = tmp_path / "F.h5.staging"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(staging.glob("v*.h5")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.time() - sent < 10
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    def running(pid: str) -> bool:  # a zombie waiting for a reaper (no init in a container) is not running
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+
+    deadline = time.time() + 10
+    while time.time() < deadline and any(running(c) for c in children):
+        time.sleep(0.2)
+    assert not [c for c in children if running(c)]  # decode processes ended with it
+    kept = FeatureCache(cache).ids()
+    assert 1 <= len(kept) < 8  # finished videos kept (compacted into F.h5)
