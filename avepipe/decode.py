@@ -1,4 +1,4 @@
-"""Per-video decoding: one pass over the file gives the selected 224x224 frames of every second and the log-mel examples.
+"""Per-video decoding: one pass over a file gives the selected 224x224 frames of every second and the log-mel examples.
 
 Contract of one video (:func:`decode_video`):
 

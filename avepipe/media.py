@@ -102,7 +102,7 @@ _RATE = re.compile(r"(\d+)\sHz")
 
 def _classify_open_error(path: str, stderr: str) -> MediaError:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    last = next((ln for ln in reversed(lines) if path in ln or "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    last = next((ln for ln in reversed(lines) if path in ln or "error" in ln.lower()), lines[-1] if lines else "")
     text = stderr.lower()
     if ("moov atom not found" in text and _looks_like_mp4(path)) or "partial file" in text or "truncat" in text:
         return CorruptMediaError(path, "container index missing or cut off (file truncated?)")
@@ -354,7 +354,8 @@ class FramePipe:
         """Raise :class:`CorruptMediaError` when ffmpeg failed while decoding."""
         fatal = _fatal_error(self.stderr)
         if self.returncode not in (0, None) or fatal:
-            raise CorruptMediaError(self.info.path, fatal or _last_error(self.stderr, self.info.path) or "ffmpeg failed")
+            reason = fatal or _last_error(self.stderr, self.info.path) or "ffmpeg failed"
+            raise CorruptMediaError(self.info.path, reason)
 
 
 def decode_audio(info: MediaInfo) -> tuple[np.ndarray, int]:

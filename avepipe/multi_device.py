@@ -90,7 +90,8 @@ def leftover_shard_caches(target: Path) -> list[Path]:
     if not target.parent.is_dir():
         return []
     pattern = re.compile(re.escape(target.name) + r"\.shard-\d+-of-\d+\.h5(\.staging)?$")
-    found = {target.with_name(p.name.removesuffix(".staging")) for p in target.parent.iterdir() if pattern.match(p.name)}
+    found = {target.with_name(p.name.removesuffix(".staging"))
+             for p in target.parent.iterdir() if pattern.match(p.name)}
     return sorted(found)
 
 

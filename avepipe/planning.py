@@ -33,7 +33,8 @@ class BatchReport:
 
 
 def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: BatchReport) -> dict[str, Path]:
-    """Which of ``paths`` need work: applies the shard, skips finished videos and (unless retrying) recorded failures."""
+    """Which of ``paths`` need work: applies the shard, skips finished videos and (unless retrying) recorded
+    failures."""
     ids = select_shard(assign_ids(paths), config.shard)
     report.total = len(ids)
     done = cache.all_attrs()

@@ -102,7 +102,8 @@ def render_extract_report(console: Console, errors: Console, report: Any, cache:
 
 
 def render_device_results(console: Console, errors: Console, devices: list) -> None:
-    """One row per device of ``extract --devices`` (avepipe.multi_device.DeviceResult); a device that stopped early on stderr."""
+    """One row per device of ``extract --devices`` (avepipe.multi_device.DeviceResult); a device that stopped early
+    is reported on stderr."""
     table = Table(title="per device", show_header=True)
     for column in ("device", "shard", "videos", "extracted", "failed", "time"):
         table.add_column(column, justify="left" if column == "device" else "right")
@@ -120,7 +121,8 @@ def render_cache(console: Console, reader, failed_only: bool = False) -> None:
     spec = reader.spec or {}
     if not failed_only:
         entries = reader.all_attrs()
-        table = Table(title=f"{reader.path}: {len(entries)} videos, sampling={spec.get('sampling', '?')}, audio={spec.get('audio', '?')}")
+        table = Table(title=f"{reader.path}: {len(entries)} videos, sampling={spec.get('sampling', '?')}, "
+                            f"audio={spec.get('audio', '?')}")
         for column in ("id", "T", "duration", "VGG-19", "VGGish", "precision", "source"):
             table.add_column(column, justify="right" if column in ("T", "duration") else "left")
         for vid, attrs in entries.items():
@@ -170,7 +172,8 @@ class TrainProgress:
         text = (f"loss {record['loss']:.4f}  val {metric} {record['val_' + metric]:.4f}  best {record['best']:.4f}"
                 f"{'  *' if record['improved'] else ''}")
         self.progress.update(self.task, advance=1, description=text)
-        self.progress.console.print(f"epoch {record['epoch']:4d}/{record['epochs']}  {text}  ({record['seconds']:.2f} s)")
+        self.progress.console.print(
+            f"epoch {record['epoch']:4d}/{record['epochs']}  {text}  ({record['seconds']:.2f} s)")
 
 
 def render_train_summary(console: Console, result: dict[str, Any], out: Path) -> None:
@@ -198,13 +201,15 @@ def localize_table(result) -> Table:
     """Per-second labels of one video as a rich table (what the terminal shows)."""
     title = f"{result.video}: {len(result.seconds)} s"
     if result.query:
-        title += f", {result.query['direction']} query {result.query['file']} {result.query['start']}-{result.query['end']} s"
+        query = result.query
+        title += f", {query['direction']} query {query['file']} {query['start']}-{query['end']} s"
     table = Table(title=title)
     for column in ("start", "end", "label", "event p", "class p", "top-3"):
         table.add_column(column, justify="right" if column in ("start", "end", "event p", "class p") else "left")
     for s in result.seconds:
         top = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in s.top3)
-        table.add_row(str(s.start), str(s.end), s.label, f"{s.event_probability:.2f}", f"{s.class_probability:.2f}", top)
+        table.add_row(str(s.start), str(s.end), s.label, f"{s.event_probability:.2f}", f"{s.class_probability:.2f}",
+                      top)
     return table
 
 
@@ -256,11 +261,13 @@ class DownloadProgress:
             if task is None:
                 if not self.tasks:
                     self.progress.start()
-                self.tasks[name] = self.progress.add_task("", total=fields["total"], completed=fields["resumed"], name=name)
+                self.tasks[name] = self.progress.add_task("", total=fields["total"], completed=fields["resumed"],
+                                                          name=name)
             else:  # a retry: the bar restarts from what the .part holds now
                 self.progress.reset(task, total=fields["total"], completed=fields["resumed"])
             if fields["resumed"]:
-                self.progress.console.print(f"{name}: resuming at {_megabytes(fields['resumed'])} ({escape(fields['url'])})")
+                self.progress.console.print(
+                    f"{name}: resuming at {_megabytes(fields['resumed'])} ({escape(fields['url'])})")
         elif event == "advance" and name in self.tasks:
             self.progress.advance(self.tasks[name], fields["bytes"])
         elif event == "retry":
@@ -279,7 +286,8 @@ def render_weights_outcomes(console: Console, errors: Console, outcomes: list) -
         elif item.official:
             console.print(f"{item.name}: {item.status} {escape(item.path)} ({message})", soft_wrap=True)
         else:
-            errors.print(f"[bold yellow]WARNING:[/] {item.name}: {item.status} {escape(item.path)} ({message}); features "
+            errors.print(f"[bold yellow]WARNING:[/] {item.name}: {item.status} {escape(item.path)} ({message}); "
+                         f"features "
                          "computed with it are NOT the published AVE features", soft_wrap=True)
 
 
@@ -329,5 +337,6 @@ def render_weights_verify(console: Console, statuses: list, directory: Path) -> 
         table.add_column(column)
     for status in statuses:
         state = "[yellow]missing[/]" if status.state == "missing" else _state_text(status)
-        table.add_row(status.name, status.entry["file"], state, _short(status.actual), _short(expected_checksum(status.entry)))
+        table.add_row(status.name, status.entry["file"], state, _short(status.actual),
+                      _short(expected_checksum(status.entry)))
     console.print(table)

@@ -5,8 +5,8 @@
 1. Per clip (a 10-s 720p h264 cut of bbb.mp4 with an edit list, a 1080p h264 clip, an MPEG-4/MP3 AVI), one process:
    the whole decode stage of one video (``avepipe.decode.decode_file``: index pass, one decode of video and audio,
    frame selection + OpenCV resize, resampling to 16 kHz, log-mel) against bare ``ffmpeg -threads 1 -i CLIP -vf
-   scale=224:224 -f rawvideo -pix_fmt rgb24 -`` (video only, every frame scaled). Medians of --repeats, after one warm-up
-   call (what a long-running decode process pays once).
+   scale=224:224 -f rawvideo -pix_fmt rgb24 -`` (video only, every frame scaled). Medians of --repeats, after one
+   warm-up call (what a long-running decode process pays once).
 2. ``avepipe decode`` of N ten-second 720p clips with W worker processes (wall time, into a fresh store) against W
    parallel bare ffmpeg processes on the same clips.
 Prints seconds and ratios (stage / bound).

@@ -128,7 +128,8 @@ def test_devices_usage_errors(tmp_path):
 def test_a_device_process_that_fails_is_reported(tmp_path):
     # Past check_devices (which would refuse it), a process given cuda:0 on a machine without CUDA fails as it starts.
     report = MultiDeviceReport(devices=[DeviceResult("cuda:0", 0, 1, videos=1)])
-    job = (0, [str(tmp_path / "clip.mp4")], str(tmp_path / "f.h5.shard-0-of-1.h5"), ExtractConfig(device="cuda:0"), None)
+    shard = str(tmp_path / "f.h5.shard-0-of-1.h5")
+    job = (0, [str(tmp_path / "clip.mp4")], shard, ExtractConfig(device="cuda:0"), None)
     refused = run_device_processes([job], report, lambda event, fields: None)
     assert refused == []  # not a usage error: a device failure
     assert report.devices[0].error and "(at " in report.devices[0].error

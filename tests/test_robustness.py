@@ -134,7 +134,8 @@ def test_transient_failures_are_retried_on_the_next_run(tmp_path):
 def test_a_hung_decode_becomes_a_recorded_failure(tmp_path):
     clip = make_clip(tmp_path / "v.mp4", 2.0, size="64x48")
     hang = tmp_path / "ffmpeg"
-    hang.write_text(f"#!/bin/sh\ncase \"$*\" in *framecrc*) exec {media.ffmpeg_binary()} \"$@\";; esac\nexec sleep 600\n")
+    real = media.ffmpeg_binary()
+    hang.write_text(f"#!/bin/sh\ncase \"$*\" in *framecrc*) exec {real} \"$@\";; esac\nexec sleep 600\n")
     hang.chmod(0o755)
     code = "\n".join([
         "import time",

@@ -1,6 +1,7 @@
 """VGGish audio backbone: the torchvggish network in torch (its log-mel frontend is avepipe.backbones.logmel).
 
-Input: ``[N, 96, 64]`` log-mel examples (0.96 s each). The network keeps the torchvggish module layout so its released ``.pth`` state dict loads as is. The default output is the 128-d "fc2"
+Input: ``[N, 96, 64]`` log-mel examples (0.96 s each). The network keeps the torchvggish module layout so its released
+``.pth`` state dict loads as is. The default output is the 128-d "fc2"
 layer after its ReLU; the PCA / 8-bit quantisation of the AudioSet embeddings is optional (:class:`PCAPostprocessor`).
 """
 
