@@ -18,7 +18,6 @@ from avepipe.sampling import ave_frame_indices
 from tests.helpers import make_clip, run_cli
 
 
-
 def recipe_frames(path: Path, duration: float) -> np.ndarray:
     """The original AVE recipe: every frame VideoCapture returns, cv2.resize to 224, the spec's indices (RGB)."""
     capture = cv2.VideoCapture(str(path))
