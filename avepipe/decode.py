@@ -151,6 +151,27 @@ def decode_file(path: str | os.PathLike, sampling: str = "ave") -> tuple[np.ndar
     return np.stack(seconds), examples, meta
 
 
+class SecondFiller:
+    """Places frames, in order, into seconds of 16 (each second in a slot from ``acquire``); :meth:`put` returns the
+    :class:`Second` a frame completes. Starts at frame position ``start`` (a resumed video skips its done seconds)."""
+
+    def __init__(self, vid: str, acquire: SlotSource, start: int = 0):
+        self.vid, self.acquire, self.position = vid, acquire, start
+        self.slot, self.target = -1, None
+
+    def put(self, frame: np.ndarray) -> Second | None:
+        if self.target is None:
+            self.slot, self.target = self.acquire()
+        self.target[self.position % FRAMES_PER_SECOND] = frame
+        self.position += 1
+        if self.position % FRAMES_PER_SECOND:
+            return None
+        done = Second(self.vid, self.position // FRAMES_PER_SECOND - 1, self.target if self.slot < 0 else None,
+                      slot=self.slot)
+        self.slot, self.target = -1, None
+        return done
+
+
 def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, threads: int,
                  stall_s: float) -> Iterator:
     info = idx.info
@@ -164,40 +185,31 @@ def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, th
         selection = None
     wanted = np.unique(flat) if periodic else np.arange(idx.frames)  # the frames ffmpeg lets out, in order
     decoder = media.Decoder(info, threads=threads, select=selection, stall_s=stall_s)
-    position = task.skip_seconds * FRAMES_PER_SECOND  # next (second, i) to fill, in order
+    filler = SecondFiller(task.vid, acquire, task.skip_seconds * FRAMES_PER_SECOND)
     small = np.empty(FRAME_SHAPE[1:], np.uint8)  # the last selected frame, resized (a frame may serve several i)
     have_small = False
-    slot, target = -1, None
-
-    def put_small() -> Iterator[Second]:
-        nonlocal position, slot, target
-        if target is None:
-            slot, target = acquire()
-        target[position % FRAMES_PER_SECOND] = small
-        position += 1
-        if position % FRAMES_PER_SECOND == 0:
-            yield Second(task.vid, position // FRAMES_PER_SECOND - 1, target if slot < 0 else None, slot=slot)
-            slot, target = -1, None
-
     try:
         for j, frame in enumerate(decoder):
             k = int(wanted[j]) if j < len(wanted) else -1  # the decoded index of the j-th frame ffmpeg selected
-            if position >= len(flat) or flat[position] != k:
+            if filler.position >= len(flat) or flat[filler.position] != k:
                 continue  # a second finished by an earlier run (resume): not resized
             media.resize_like_opencv(frame, out=small)
             have_small = True
-            while position < len(flat) and flat[position] == k:
-                yield from put_small()
+            while filler.position < len(flat) and flat[filler.position] == k:
+                second = filler.put(small)
+                if second is not None:
+                    yield second
     except BaseException:
         decoder.close()
         raise
     wave, rate, report = decoder.finish()
-    if report.frames_decoded < idx.frames / 2:  # isolated glitches are fine; a stream that mostly fails is not
+    if report.frames_decoded < idx.frames / 2 or (filler.position < len(flat) and not have_small):
+        # Isolated glitches are fine; a stream that mostly fails to decode is not.
         raise media.CorruptMediaError(info.path, f"only {report.frames_decoded} of {idx.frames} frames decode")
-    if position < len(flat) and not have_small:
-        raise media.CorruptMediaError(info.path, f"only {report.frames_decoded} frames decode of {idx.frames} indexed")
-    while position < len(flat):  # fewer frames than indexed (damaged packets): the tail repeats the last frame
-        yield from put_small()
+    while filler.position < len(flat):  # fewer frames than indexed (damaged packets): the tail repeats the last one
+        second = filler.put(small)
+        if second is not None:
+            yield second
     if wave is None:
         raise media.NoAudioStreamError(info.path, "the sound track decodes to nothing")
     yield {"wave": wave, "rate": rate, "frames_decoded": report.frames_decoded, "decode_glitches": report.glitches}
@@ -208,33 +220,28 @@ def _fps_seconds(info: media.MediaInfo, task: VideoTask, acquire: SlotSource) ->
     filters = [("fps", (FRAMES_PER_SECOND,), {}),
                ("scale", (media.FRAME_SIZE, media.FRAME_SIZE), {"flags": "bilinear"})]
     needed = info.seconds * FRAMES_PER_SECOND
+    skip = task.skip_seconds * FRAMES_PER_SECOND
     pipe = media.FramePipe(info, filters, size=(media.FRAME_SIZE, media.FRAME_SIZE))
-    position, slot, target, last = 0, -1, None, None
+    filler = SecondFiller(task.vid, acquire, skip)
+    seen, last = 0, None
     for frame in pipe:
-        if position >= needed:
+        seen += 1
+        if seen <= skip or filler.position >= needed:
             continue
         last = frame.copy()
-        if position >= task.skip_seconds * FRAMES_PER_SECOND:
-            if target is None:
-                slot, target = acquire()
-            target[position % FRAMES_PER_SECOND] = frame
-        position += 1
-        if position % FRAMES_PER_SECOND == 0 and target is not None:
-            yield Second(task.vid, position // FRAMES_PER_SECOND - 1, target if slot < 0 else None, slot=slot)
-            slot, target = -1, None
+        second = filler.put(frame)
+        if second is not None:
+            yield second
     pipe.check()
-    if last is None:
+    if seen == 0:
         raise media.CorruptMediaError(info.path, "no video frame could be decoded")
-    while position < needed:  # the fps filter can end a frame or two short of T*16: repeat the last frame
-        if target is None:
-            slot, target = acquire()
-        target[position % FRAMES_PER_SECOND] = last
-        position += 1
-        if position % FRAMES_PER_SECOND == 0:
-            yield Second(task.vid, position // FRAMES_PER_SECOND - 1, target if slot < 0 else None, slot=slot)
-            slot, target = -1, None
+    last = last if last is not None else frame.copy()
+    while filler.position < needed:  # the fps filter can end a frame or two short of T*16: repeat the last frame
+        second = filler.put(last)
+        if second is not None:
+            yield second
     wave, rate = media.decode_audio(info)
-    yield {"wave": wave, "rate": rate, "frames_decoded": position, "decode_glitches": 0}
+    yield {"wave": wave, "rate": rate, "frames_decoded": seen, "decode_glitches": 0}
 
 
 # -- decode processes ----------------------------------------------------------------------------------------------

@@ -26,16 +26,7 @@ import h5py
 import numpy as np
 
 from avepipe.cache import FeatureCache, id_problem
-from avepipe.decode import (
-    FRAME_SHAPE,
-    DecodeSource,
-    Failed,
-    Finished,
-    Message,
-    Second,
-    Started,
-    VideoTask,
-)
+from avepipe.decode import FRAME_SHAPE, DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.errors import UsageError
 from avepipe.planning import BatchReport, plan
 from avepipe.settings import SAMPLING_MODES, ExtractConfig

@@ -28,15 +28,7 @@ import torch
 
 from avepipe.backbones.extractor import POOL5_SHAPE, Backbones, VisualResult
 from avepipe.cache import FeatureCache, id_problem
-from avepipe.decode import (
-    DecodeSource,
-    Failed,
-    Finished,
-    Message,
-    Second,
-    Started,
-    VideoTask,
-)
+from avepipe.decode import DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.decoded import DecodedSource
 from avepipe.devices import resolve_device
 from avepipe.errors import AvepipeError, UsageError

@@ -17,61 +17,32 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from baseline import bare_decode, bound_seconds, cut  # noqa: E402
+
 from avepipe.decode import decode_file  # noqa: E402
 from avepipe.decoded import run_decode  # noqa: E402
-from avepipe.media import ffmpeg_binary  # noqa: E402
 from avepipe.settings import ExtractConfig  # noqa: E402
 
 
 def make_clips(source: Path, folder: Path) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    ff = ffmpeg_binary()
-    specs = {
-        "720p h264 (stream-copied cut, edit list)": ("c720.mp4", ["-ss", "60", "-i", str(source), "-t", "10",
-                                                                  "-c", "copy"]),
-        "1080p h264": ("c1080.mp4", ["-ss", "100", "-i", str(source), "-t", "10", "-vf", "scale=1920:1080",
-                                     "-c:v", "libx264", "-preset", "veryfast", "-c:a", "copy"]),
-        "AVI MPEG-4 + MP3": ("c.avi", ["-ss", "200", "-i", str(source), "-t", "10", "-c:v", "mpeg4",
-                                       "-vtag", "XVID", "-q:v", "4", "-c:a", "libmp3lame"]),
+    return {
+        "720p h264 (stream-copied cut, edit list)": cut(source, folder / "c720.mp4", 60, 10, ["-c", "copy"]),
+        "1080p h264": cut(source, folder / "c1080.mp4", 100, 10, ["-vf", "scale=1920:1080", "-c:v", "libx264",
+                                                                  "-preset", "veryfast", "-c:a", "copy"]),
+        "AVI MPEG-4 + MP3": cut(source, folder / "c.avi", 200, 10, ["-c:v", "mpeg4", "-vtag", "XVID", "-q:v", "4",
+                                                                    "-c:a", "libmp3lame"]),
     }
-    clips = {}
-    for label, (name, args) in specs.items():
-        clip = folder / name
-        if not clip.exists():
-            tmp = clip.with_name("tmp-" + name)
-            subprocess.run([ff, "-y", "-loglevel", "error", *args, str(tmp)], check=True)
-            tmp.rename(clip)
-        clips[label] = clip
-    return clips
 
 
 def cut_720p(source: Path, folder: Path, count: int) -> list[Path]:
-    clips = []
-    for i in range(count):
-        clip = folder / f"p720_{i:02d}.mp4"
-        if not clip.exists():
-            subprocess.run([ffmpeg_binary(), "-y", "-loglevel", "error", "-ss", str(300 + 20 * i), "-i", str(source),
-                            "-t", "10", "-c", "copy", str(clip)], check=True)
-        clips.append(clip)
-    return clips
-
-
-def bare(clip: Path) -> None:
-    proc = subprocess.Popen([ffmpeg_binary(), "-loglevel", "error", "-threads", "1", "-i", str(clip), "-an",
-                             "-vf", "scale=224:224", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                            stdout=subprocess.PIPE)
-    while proc.stdout.read(1 << 20):
-        pass
-    proc.wait()
+    return [cut(source, folder / f"p720_{i:02d}.mp4", 300 + 20 * i, 10, ["-c", "copy"]) for i in range(count)]
 
 
 def timed(fn, *args) -> float:  # noqa: ANN001
@@ -95,15 +66,12 @@ def main() -> None:
     decode_file(next(iter(clips.values())))  # warm-up: first-call costs are paid once per process
     print(f"{'clip':44s} {'bare ffmpeg s':>14s} {'decode stage s':>15s} {'ratio':>6s}")
     for label, clip in clips.items():
-        bound = statistics.median(timed(bare, clip) for _ in range(args.repeats))
+        bound = statistics.median(timed(bare_decode, clip) for _ in range(args.repeats))
         ours = statistics.median(timed(decode_file, clip) for _ in range(args.repeats))
         print(f"{label:44s} {bound:14.3f} {ours:15.3f} {ours / bound:6.2f}")
 
     many = cut_720p(Path(args.source), Path(args.clip_dir), args.parallel_clips)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(bare, many))
-    bound = time.perf_counter() - start
+    bound = bound_seconds(many, args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         config = ExtractConfig(workers=args.workers, decoder_threads=1)
         start = time.perf_counter()

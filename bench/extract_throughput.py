@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from baseline import bound_seconds, cut  # noqa: E402
+
 from avepipe.backbones.extractor import Backbones, VisualResult  # noqa: E402
 from avepipe.extract import run_extract  # noqa: E402
-from avepipe.media import ffmpeg_binary  # noqa: E402
 from avepipe.settings import ExtractConfig  # noqa: E402
 
 
@@ -45,33 +44,12 @@ def use_null_backbone() -> None:
 
 
 def cut_clips(source: Path, folder: Path, count: int, seconds: float) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    clips = []
-    for i in range(count):
-        clip = folder / f"bbb_{i:03d}.mp4"
-        if not clip.exists():
-            tmp = clip.with_suffix(".tmp.mp4")
-            subprocess.run([ffmpeg_binary(), "-y", "-loglevel", "error", "-ss", str(30 + 20 * i), "-i", str(source),
-                            "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", str(tmp)],
-                           check=True)
-            tmp.rename(clip)
-        clips.append(clip)
-    return clips
+    reencode = ["-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac"]
+    return [cut(source, folder / f"bbb_{i:03d}.mp4", 30 + 20 * i, seconds, reencode) for i in range(count)]
 
 
 def decode_bound(clips: list[Path], workers: int) -> float:
-    def decode(clip: Path) -> None:
-        proc = subprocess.Popen([ffmpeg_binary(), "-loglevel", "error", "-threads", "1", "-i", str(clip), "-an",
-                                 "-vf", "scale=224:224", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                                stdout=subprocess.PIPE)
-        while proc.stdout.read(1 << 20):
-            pass
-        proc.wait()
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(decode, clips))
-    return len(clips) / (time.perf_counter() - start)
+    return len(clips) / bound_seconds(clips, workers)
 
 
 def main() -> None:
