@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,11 +72,18 @@ def validate_checkpoint(checkpoint: Any, path: str | os.PathLike) -> dict[str, A
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint dict of ``path``, validated (weights_only load: no code from the file is executed)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        with warnings.catch_warnings():  # torch's warnings about pickle protocols would only confuse
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or type(exc).__name__})") from None
+    except Exception:  # noqa: BLE001 - any failure of the safe unpickler: not a file avepipe wrote
+        # Deliberately not torch's message: it suggests weights_only=False, i.e. running the file's code.
+        raise CheckpointError(f"{path}: not an avepipe checkpoint (unreadable as one; avepipe never loads "
+                              "checkpoints that hold code)") from None
     return validate_checkpoint(checkpoint, path)
 
 
@@ -91,18 +99,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def check_categories(checkpoint: dict[str, Any], path: str | os.PathLike, categories: Sequence[str],
-                     source: str | os.PathLike) -> None:
-    """The data's categories (from ``source``, in label order) must be those the checkpoint was trained on, or label
-    k would mean another category. Checkpoints without class names are not checked."""
+                     source: str | os.PathLike) -> list[str]:
+    """The category order in which the data's labels must be numbered to mean what the checkpoint's outputs mean.
+
+    ``categories`` come from ``source`` (a categories.txt). The same names in another order are mapped by name: the
+    checkpoint's order is returned, so label k is the checkpoint's category k whatever the file's order. Other names
+    raise :class:`CheckpointError` naming the difference. Checkpoints without class names are not checked."""
     trained = list(checkpoint.get("class_names") or [])[:-1]
     if not trained or trained == list(categories):
-        return
-    if len(trained) != len(categories):
-        detail = f"{len(trained)} categories, {source} has {len(categories)}"
-    else:
-        k = next(i for i, (a, b) in enumerate(zip(trained, categories)) if a != b)
-        detail = f"label {k} is {trained[k]!r} there, {categories[k]!r} in {source}"
-    raise CheckpointError(f"{path}: trained on other categories ({detail})")
+        return list(categories)
+    if sorted(trained) == sorted(categories):
+        return trained
+    missing = [name for name in trained if name not in categories]
+    extra = [name for name in categories if name not in trained]
+    parts = []
+    if missing:
+        parts.append(f"not in {source}: {', '.join(missing)}")
+    if extra:
+        parts.append(f"not in the checkpoint: {', '.join(extra)}")
+    raise CheckpointError(f"{path}: trained on other categories than {source} ({'; '.join(parts)})")
 
 
 def check_resumable(saved: dict[str, Any], path: str | os.PathLike, *, model: str, task: str, seed: int) -> None:

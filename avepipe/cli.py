@@ -21,7 +21,15 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from avepipe.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_SOME_FAILED, AvepipeError, UsageError
+from avepipe.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_TERMINATED,
+    AvepipeError,
+    UsageError,
+)
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -94,7 +102,9 @@ app.add_typer(weights_app, name="weights")
 # since Path() drops the trailing "/" that marks a directory.
 
 Videos = Annotated[Optional[List[Path]], typer.Argument(help="Video files and/or directories (searched recursively).")]
-ListFile = Annotated[Optional[Path], typer.Option("--list", help="Text file with one video path per line.")]
+ListFile = Annotated[Optional[Path], typer.Option(
+    "--list", help="Text file with one video path per line (relative paths are relative to the list file's folder; "
+                   "lines starting with # are skipped).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Vgg19Weights = Annotated[Optional[str], typer.Option(help="Keras VGG-19 no-top .h5 (default: weights dir).")]
 VggishWeights = Annotated[Optional[str], typer.Option(
@@ -236,14 +246,24 @@ def localize(
     query_span: Annotated[Optional[str], typer.Option(help="START-END seconds of the query file, e.g. 3-6.")] = None,
 ) -> None:
     """Per-second event labels for any video (>= 1 s) with a trained checkpoint; spans, files and a timeline picture."""
+    from avepipe.inputs import assign_ids, discover, select_shard
     from avepipe.localization import LocalizeConfig, localize_videos, parse_span
-    from avepipe.outputs import get_writer, write_results
+    from avepipe.outputs import check_outputs, get_writer, output_paths, write_results
     from avepipe.render import LocalizeProgress, render_localize
 
     if fmt != "table":
         get_writer(fmt)  # an unknown format fails here, before any work
         if out is None:
             raise UsageError(f"--format {fmt} needs --out FILE or --out DIR/")
+    videos = discover(paths or [], list_file)
+    ids = list(select_shard(assign_ids(videos), parse_shard(shard)))
+    targets = {}
+    if out is not None and fmt != "table":
+        targets["--out"] = output_paths(out, ids, fmt)
+    if plot is not None:
+        targets["--plot"] = [Path(plot), *output_paths(plot, ids, "png", single=False)]
+    check_outputs(targets, [*videos, checkpoint, list_file, cache, query_audio, query_video, vgg19_weights,
+                            vggish_weights, pca_params])
     config = LocalizeConfig(
         checkpoint=checkpoint, cache=cache, device=device, workers=workers, vgg19_weights=vgg19_weights,
         vggish_weights=vggish_weights, pca_params=pca_params, precision=precision, shard=parse_shard(shard),
@@ -308,7 +328,8 @@ def weights_list() -> None:
 def weights_download(
     names: WeightNames = None,
     mirror: Annotated[Optional[str], typer.Option(
-        "--mirror", help="Base URL: fetch <URL>/<file> instead of the manifest URL (env AVEPIPE_WEIGHTS_MIRROR).")
+        "--mirror", help="Base URL (fetch <URL>/<file>) or local folder (copy <folder>/<file>) instead of the "
+                         "manifest URL; checksums are still verified (env AVEPIPE_WEIGHTS_MIRROR).")
     ] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace a present file that does not match the manifest.")] = False,
@@ -452,6 +473,9 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Override the learning rate.")] = None,
     device: Device = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from RUN/last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the run already in --out (without it, train refuses a folder holding one).")
+    ] = False,
     noisy_audio: Annotated[Optional[Path], typer.Option(
         help="weak only: audio_feature_noisy.h5 (extra background videos).")] = None,
     noisy_visual: Annotated[Optional[Path], typer.Option(help="weak only: visual_feature_noisy.h5.")] = None,
@@ -475,14 +499,49 @@ def train(
         raise UsageError("--no-noisy contradicts --noisy-audio/--noisy-visual/--noisy-labels")
     options = TrainOptions(model=model, task=task, out_dir=out, direction=direction, seed=seed, device=device,
                            config_file=config, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume,
-                           preset=preset, cml_protocol=cml_protocol, train_noisy=not no_noisy)
+                           preset=preset, cml_protocol=cml_protocol, train_noisy=not no_noisy,
+                           overwrite=overwrite)
     paths = DataPaths(features, annotations, categories, splits, noisy if all(noisy) else None)
-    with loud_warnings(), TrainProgress(console) as progress:
-        if seeds == 1:
-            result = train_one(options, paths, progress.epoch)
-        else:
-            result = train_seeds(options, paths, seeds, progress.epoch, progress.seed)
+    current = [seed]
+    try:
+        with loud_warnings(), TrainProgress(console) as progress:
+            if seeds == 1:
+                result = train_one(options, paths, progress.epoch)
+            else:
+                def on_seed(number: int) -> None:
+                    current[0] = number
+                    progress.seed(number)
+
+                result = train_seeds(options, paths, seeds, progress.epoch, on_seed)
+    except Terminated:
+        raise Terminated(resume_hint(out, seeds, current[0])) from None
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(out, seeds, current[0])) from None
     render_train_summary(console, result, out)
+
+
+def resume_hint(out: Path, seeds: int, seed: int) -> str:
+    """What to run after an interrupted `avepipe train`: the same command with --resume (one seed's folder with
+    --seeds), or the same command again when no epoch had finished."""
+    import shlex
+    import sys
+
+    run = out if seeds == 1 else out / f"seed-{seed}"
+    if not (run / "last.pt").exists():
+        return f"no epoch of {run} had finished, nothing to resume: run the same command again"
+    args, drop = [], {"--resume": 0, "--overwrite": 0, **({"--seeds": 1, "--seed": 1, "--out": 1} if seeds > 1 else {})}
+    argv = iter(sys.argv[1:])
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            if "=" not in arg:
+                for _ in range(drop[name]):
+                    next(argv, None)
+            continue
+        args.append(arg)
+    if seeds > 1:
+        args += ["--seed", str(seed), "--out", str(run)]
+    return f"{run}/last.pt keeps the last finished epoch; continue with: {shlex.join(['avepipe', *args, '--resume'])}"
 
 
 @app.command()

@@ -39,6 +39,10 @@ class CheckpointError(DataError):
     """A checkpoint that is unreadable, not an avepipe checkpoint, or does not fit the data it is used with."""
 
 
+class TrainingError(AvepipeError):
+    """A training run that cannot go on: its loss or weights stopped being finite (NaN / inf)."""
+
+
 class WeightsError(AvepipeError):
     """Backbone weights missing, unreadable, of the wrong format, or failing their checksum."""
 

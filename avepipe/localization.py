@@ -33,11 +33,13 @@ from avepipe.backbones.extractor import Backbones
 from avepipe.cache import FeatureCache
 from avepipe.checkpoint import class_name, known_classes, load_checkpoint
 from avepipe.data.ave import BACKGROUND
+from avepipe.data.features import NonFiniteFeaturesError, check_finite
 from avepipe.devices import resolve_device
 from avepipe.errors import UsageError
 from avepipe.extract import ExtractReport, run_extract
 from avepipe.inputs import assign_ids, discover, select_shard
 from avepipe.metrics import max_contiguous_window
+from avepipe.models.layers import cml_decode_scores
 from avepipe.settings import SAMPLING_MODES, ExtractConfig
 
 WINDOW = 10  # seconds per model input: the AVE clip length every model was trained on
@@ -231,7 +233,7 @@ class Localizer:
         logits = out["match_logits"].float().cpu()
         owners = window_owner(seconds, starts)
         scores = np.array([float(logits[w, s - starts[w]]) for s, w in enumerate(owners)])
-        best = max_contiguous_window(scores, span)
+        best = max_contiguous_window(cml_decode_scores(self.model, torch.from_numpy(scores)).numpy(), span)
         records = []
         for s, score in enumerate(scores):
             p = round(1.0 / (1.0 + math.exp(-score)), 4) if score > -50 else 0.0
@@ -302,6 +304,11 @@ def _label_one(vid: str, path: Path, cache: FeatureCache, report: ExtractReport,
     entry = cache.get(vid)
     result.duration = float(entry.attrs.get("duration", entry.visual.shape[0]))
     try:
+        check_finite(entry, cache.path)
+    except NonFiniteFeaturesError as exc:  # labels from NaN features would be noise: this video's error
+        result.error = str(exc)
+        return result
+    try:
         if query is not None:
             result.seconds = localizer.match(entry.visual, entry.audio, query)
             start, end = config.query_span
@@ -321,6 +328,11 @@ def _check_query_options(localizer: Localizer, config: LocalizeConfig) -> None:
         if config.query_audio or config.query_video:
             raise UsageError(f"{config.checkpoint} is a {localizer.task} checkpoint; --query-* needs a CML one")
         return
+    if localizer.direction == "both":  # trained on both directions (dam --direction both): the query picks one
+        if bool(config.query_audio) == bool(config.query_video):
+            raise UsageError(f"{config.checkpoint} is a CML checkpoint of both directions: give --query-audio FILE "
+                             "(A2V) or --query-video FILE (V2A), and --query-span START-END")
+        localizer.direction = "a2v" if config.query_audio else "v2a"
     wanted = "--query-audio" if localizer.direction == "a2v" else "--query-video"
     given = config.query_audio if localizer.direction == "a2v" else config.query_video
     other = config.query_video if localizer.direction == "a2v" else config.query_audio

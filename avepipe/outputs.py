@@ -2,7 +2,11 @@
 
 ``get_writer(fmt)`` returns the writer of a format (as openai/whisper's ``get_writer``); ``write_results`` writes one
 file for all videos, or one ``<id>.<fmt>`` per video into a directory. The ``table`` format is the terminal's
-(:func:`avepipe.render.render_localize`). Videos that failed are never written (their errors go to stderr).
+(:func:`avepipe.render.render_localize`).
+
+Failed videos: JSON and JSONL name every input, so a consumer sees each one: a JSON record (and a JSONL line) with
+``error`` set and no seconds. CSV holds per-second rows only, so a failed video has no row there (its error goes to
+stderr and the exit code is 1). ``check_outputs`` refuses, before any work, an output that would replace an input.
 """
 
 from __future__ import annotations
@@ -39,17 +43,18 @@ def rows(result: VideoLabels) -> list[dict[str, Any]]:
 
 
 def write_json(results: Sequence[VideoLabels]) -> str:
-    """A list of whole records (seconds, spans, query), one per video."""
+    """A list of whole records (seconds, spans, query, error), one per video, failed ones included."""
     return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
 
 
 def write_jsonl(results: Sequence[VideoLabels]) -> str:
-    """One JSON object per second (the CSV columns)."""
-    return "".join(json.dumps(row) + "\n" for r in results for row in rows(r))
+    """One JSON object per second (the CSV columns); a failed video is one object ``{"video", "id", "error"}``."""
+    return "".join(json.dumps(row) + "\n" for r in results
+                   for row in (rows(r) if r.error is None else [{"video": r.video, "id": r.id, "error": r.error}]))
 
 
 def write_csv(results: Sequence[VideoLabels]) -> str:
-    """One row per second, columns ``CSV_FIELDS``."""
+    """One row per second, columns ``CSV_FIELDS`` (a failed video has no seconds, hence no row)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -76,14 +81,36 @@ def wants_directory(out: str | os.PathLike) -> bool:
 
 def write_results(results: Sequence[VideoLabels], fmt: str, out: str | os.PathLike) -> list[Path]:
     """One file (``out``) for all videos, or one ``<id>.<fmt>`` per video when ``out`` is a directory (see
-    :func:`wants_directory`). Files are written atomically."""
+    :func:`wants_directory`). Files are written atomically. Failed videos: see the module's docstring (in a directory,
+    JSON / JSONL write their error record, CSV writes no file for them)."""
     write = get_writer(fmt)
-    ok = [r for r in results if r.error is None]
     if not wants_directory(out):
-        return [_write_atomic(Path(out), write(ok))]
+        return [_write_atomic(Path(out), write(results))]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    return [_write_atomic(folder / f"{r.id}.{fmt}", write([r])) for r in ok]
+    return [_write_atomic(folder / f"{r.id}.{fmt}", write([r])) for r in results if r.error is None or fmt != "csv"]
+
+
+def output_paths(out: str | os.PathLike, ids: Sequence[str], suffix: str, single: bool = True) -> list[Path]:
+    """The files an ``--out`` / ``--plot`` target will hold for videos ``ids``: ``out`` itself, or ``<out>/<id>.
+    <suffix>`` each when it is a directory (or, ``single=False``, whenever there are several videos)."""
+    if wants_directory(out) or (not single and len(ids) > 1):
+        return [Path(out) / f"{vid}.{suffix}" for vid in ids]
+    return [Path(out)]
+
+
+def check_outputs(targets: dict[str, Sequence[Path]], inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Refuse an output file that is one of the inputs (a video, the checkpoint, a list...): writing it would destroy
+    the input. ``targets``: option name -> the files it would write."""
+    protected = {}
+    for item in inputs:
+        if item is not None and Path(item).exists() and not Path(item).is_dir():
+            protected[Path(item).resolve()] = item
+    for option, paths in targets.items():
+        for path in paths:
+            if path.resolve() in protected:
+                raise UsageError(f"{option} {path}: is an input ({protected[path.resolve()]}); it would be "
+                                 "overwritten; write elsewhere")
 
 
 def _write_atomic(path: Path, text: str) -> Path:

@@ -12,6 +12,24 @@ from pathlib import Path
 import pytest
 
 
+def _skipped(session) -> list:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    return list(reporter.stats.get("skipped", [])) if reporter is not None else []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI (``CI`` set) a skipped test fails the run: CI must run every test, or say why it cannot."""
+    if os.environ.get("CI") and exitstatus == pytest.ExitCode.OK and _skipped(session):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if os.environ.get("CI") and skipped:
+        terminalreporter.write_line(f"CI: {len(skipped)} test(s) skipped, and CI fails on any skip (-rs lists the "
+                                    "reasons)", red=True, bold=True)
+
+
 def _asset_dir(var: str) -> Path:
     value = os.environ.get(var)
     if value and Path(value).is_dir():

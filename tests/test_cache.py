@@ -97,7 +97,31 @@ def test_leftovers_of_a_killed_writer_are_ignored(tmp_path):
     assert FeatureCache(path).ids() == ["a"]
     with FeatureCache(path, "a") as cache:
         assert cache.ids() == ["a"]
+        assert not (staging / ".b.tmp999").exists()  # removed as the writer opens, not only at compaction
     assert not (staging / ".b.tmp999").exists() and not (tmp_path / ".f.h5.compact-999").exists()
+
+
+def test_a_put_killed_mid_write_leaves_no_entry(tmp_path, monkeypatch):
+    """A writer that dies inside put (here: an error while writing the audio) never leaves a visible half entry."""
+    path = tmp_path / "f.h5"
+    fill(path, ["a"])
+    real = h5py.Group.create_dataset
+
+    def dies_on_audio(self, name, *args, **kwargs):
+        if name == "audio":
+            raise KeyboardInterrupt("killed mid-write")
+        return real(self, name, *args, **kwargs)
+
+    cache = FeatureCache(path, "a")
+    monkeypatch.setattr(h5py.Group, "create_dataset", dies_on_audio)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put("b", *features(1), {"seconds": 3})
+    monkeypatch.undo()
+    assert cache.ids() == ["a"]
+    cache.close()
+    with FeatureCache(path, "a") as again:  # the next writer finds only complete entries, and no leftovers
+        assert again.ids() == ["a"]
+    assert [p.name for p in (tmp_path / "f.h5.staging").glob("*")] == []
 
 
 def test_merge_equals_single_cache_and_refuses_mixed_specs(tmp_path):

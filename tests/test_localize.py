@@ -262,8 +262,9 @@ def test_one_bad_video_fails_alone(trained, media_dir, weights_args, tmp_path):
     assert result.returncode == 1
     failures = [line for line in result.stderr.splitlines() if "notes.mp4" in line]
     assert len(failures) == 1 and "Traceback" not in result.stderr
-    records = json.loads((tmp_path / "out.json").read_text())
-    assert [r["id"] for r in records] == ["fire2"] and len(records[0]["seconds"]) == 2
+    records = json.loads((tmp_path / "out.json").read_text())  # every input has a record; the failed one its error
+    assert [r["id"] for r in records] == ["fire2", "notes"] and len(records[0]["seconds"]) == 2
+    assert records[0]["error"] is None and "notes.mp4" in records[1]["error"] and records[1]["seconds"] == []
 
 
 def test_usage_errors(trained, media_dir, tmp_path):

@@ -124,12 +124,13 @@ def test_devices_usage_errors(tmp_path):
             check_devices(parse_devices("cpu,cuda:1"), ExtractConfig())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="makes a device process fail by giving it a CUDA device")
 def test_a_device_process_that_fails_is_reported(tmp_path):
-    # Past check_devices (which would refuse it), a process given cuda:0 on a machine without CUDA fails as it starts.
-    report = MultiDeviceReport(devices=[DeviceResult("cuda:0", 0, 1, videos=1)])
+    # Past check_devices (which would refuse it), a process given a CUDA device the machine does not have (cuda:0
+    # without CUDA, cuda:N with N GPUs) fails as it starts: runs (never skipped) with and without CUDA.
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    report = MultiDeviceReport(devices=[DeviceResult(missing, 0, 1, videos=1)])
     shard = str(tmp_path / "f.h5.shard-0-of-1.h5")
-    job = (0, [str(tmp_path / "clip.mp4")], shard, ExtractConfig(device="cuda:0"), None)
+    job = (0, [str(tmp_path / "clip.mp4")], shard, ExtractConfig(device=missing), None)
     refused = run_device_processes([job], report, lambda event, fields: None)
     assert refused == []  # not a usage error: a device failure
     assert report.devices[0].error and "(at " in report.devices[0].error

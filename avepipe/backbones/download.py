@@ -32,11 +32,14 @@ from avepipe.backbones.weights import (
     record_unofficial,
     weights_dir,
 )
-from avepipe.errors import DownloadError, WeightsError
+from avepipe.errors import DownloadError, UsageError, WeightsError
 from avepipe.version import __version__
 
 MIRROR_ENV = "AVEPIPE_WEIGHTS_MIRROR"
 CHUNK = 1 << 16
+# The most bytes a download may bring when the manifest gives no size (a server sending an endless body must not fill
+# the disk); entries with a size are capped at exactly that size.
+UNSIZED_LIMIT = 1 << 30
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, fields): start / advance / retry
 
@@ -54,9 +57,27 @@ class _Retryable(Exception):
     """A dropped connection or a transient server error: try again, resuming from the ``.part``."""
 
 
+class _TooLong(Exception):
+    """The server sent more bytes than the file can have."""
+
+
+def mirror_base(mirror: Optional[str]) -> Optional[str]:
+    """The mirror as a base URL: a URL as given, a local folder as its file:// URL (its files are then copied and
+    verified like downloads). Anything else is a :class:`~avepipe.errors.UsageError`."""
+    if not mirror:
+        return None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", mirror):
+        return mirror
+    folder = Path(mirror).expanduser()
+    if folder.is_dir():
+        return folder.resolve().as_uri()
+    raise UsageError(f"--mirror {mirror}: neither a URL (http://, https://, file://) nor an existing folder")
+
+
 def source_url(entry: dict[str, Any], mirror: Optional[str] = None) -> str:
-    """The manifest URL, or ``<mirror>/<file>`` when a mirror is given (argument, else ``$AVEPIPE_WEIGHTS_MIRROR``)."""
-    base = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
+    """The manifest URL, or ``<mirror>/<file>`` when a mirror is given (argument, else ``$AVEPIPE_WEIGHTS_MIRROR``): a
+    base URL or a local folder."""
+    base = mirror_base(mirror if mirror is not None else os.environ.get(MIRROR_ENV))
     if base:
         return base.rstrip("/") + "/" + quote(entry["file"])
     return entry["url"]
@@ -76,6 +97,7 @@ def download(names: list[str], directory: Optional[Path] = None, *, mirror: Opti
     """Download the manifest entries ``names``; every one is attempted, failures are outcomes, not exceptions."""
     directory = Path(directory) if directory is not None else weights_dir()
     entries = manifest()
+    mirror_base(mirror if mirror is not None else os.environ.get(MIRROR_ENV))  # a bad mirror fails before any work
     return [download_entry(name, entries[name], directory, mirror=mirror, progress=progress, force=force,
                            retries=retries, timeout=timeout, backoff=backoff) for name in names]
 
@@ -178,19 +200,33 @@ def _fetch_once(name: str, url: str, part: Path, have: int, size: Optional[int],
         length = response.headers.get("Content-Length")
         length = int(length) if length is not None and length.isdigit() else None
         total = start + length if length is not None else size
+        limit = size if size is not None else UNSIZED_LIMIT
+        if total is not None and total > limit:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"{part.name.removesuffix('.part')}: {url} announces {total} bytes, more than the "
+                                f"{limit} {'the manifest gives' if size is not None else 'allowed'}; not downloaded")
         report("start", {"name": name, "url": url, "total": total, "resumed": start})
         written = 0
         with open(part, mode) as out:
             try:
                 for block in iter(lambda: response.read(CHUNK), b""):
+                    if start + written + len(block) > limit:  # never more on disk than the file can have
+                        raise _TooLong()
                     out.write(block)
                     written += len(block)
                     report("advance", {"name": name, "bytes": len(block)})
+            except _TooLong:
+                out.close()
+                part.unlink(missing_ok=True)
+                raise DownloadError(f"{part.name.removesuffix('.part')}: {url} sent more than the {limit} bytes "
+                                    f"{'the manifest gives' if size is not None else 'allowed'}; aborted and deleted"
+                                    ) from None
             except (OSError, http.client.HTTPException) as exc:
                 raise _Retryable(f"connection dropped after {start + written} bytes ({type(exc).__name__})") from None
             finally:
-                out.flush()
-                os.fsync(out.fileno())
+                if not out.closed:
+                    out.flush()
+                    os.fsync(out.fileno())
     # http.client does not always raise when a connection closes early: compare with the announced length.
     if length is not None and written < length:
         raise _Retryable(f"connection dropped after {start + written} of {start + length} bytes")

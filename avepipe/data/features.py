@@ -13,12 +13,27 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from avepipe.cache import FeatureCache
+from avepipe.cache import Entry, FeatureCache
 from avepipe.errors import DataError
 
 
 class MissingFeaturesError(DataError):
     """Annotated videos that have no features in the cache."""
+
+
+class NonFiniteFeaturesError(DataError):
+    """Features holding NaN or inf: training on them gives a NaN loss and a useless checkpoint."""
+
+
+def check_finite(entry: Entry, cache_path: str | os.PathLike, seconds: int | None = None) -> None:
+    """Refuse a video whose features (its first ``seconds``, or all) hold NaN or inf, naming the video."""
+    for name in ("visual", "audio"):
+        array = getattr(entry, name)[:seconds]
+        finite = np.isfinite(array.reshape(len(array), -1)).all(1)  # per second
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise NonFiniteFeaturesError(f"{cache_path}: video {entry.video_id}: NaN or inf in its {name} features "
+                                         f"(second {bad}); re-extract it or drop it from the annotations")
 
 
 @dataclass
@@ -56,7 +71,11 @@ def load_feature_table(cache_path: str | os.PathLike, video_ids: Sequence[str], 
     mask = torch.zeros((len(unique), seconds), dtype=torch.bool)
     for i, entry in enumerate(cache.entries(unique)):
         t = min(seconds, entry.visual.shape[0], entry.audio.shape[0])
+        check_finite(entry, cache_path, t)
         visual[i, :t] = torch.from_numpy(np.ascontiguousarray(entry.visual[:t])).to(visual_dtype)
         audio[i, :t] = torch.from_numpy(np.ascontiguousarray(entry.audio[:t]))
+        if not torch.isfinite(visual[i, :t]).all():
+            raise NonFiniteFeaturesError(f"{cache_path}: video {entry.video_id}: visual features beyond the range of "
+                                         f"{visual_dtype} (|x| > {torch.finfo(visual_dtype).max:g}); not AVE features")
         mask[i, :t] = True
     return FeatureTable(unique, visual, audio, mask, cache.spec)

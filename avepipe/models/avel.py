@@ -9,6 +9,7 @@ See docs/models.md for the equation -> code map and every default's source.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from avepipe.models.layers import (
@@ -34,6 +35,9 @@ DEFAULT_CONFIG = {
         "classifier_hidden": 64,  # concat head: Linear(4h, 64) - ReLU - Linear(64, 29) (released code)
         "fusion": "concat",  # or "dmrn"
         "mil_pooling": "max",  # weak task; released weak model max-pools the per-second scores
+        "attention_form": "paper",  # "released": W_a u_a added along the position axis (see layers)
+        "init": "pytorch",  # "xavier": Xavier-uniform weights of every Linear, as att_Net.init_weights
+        "loss": "paper",  # "released": multi-label soft margin on the softmax probabilities
     },
     "train": {
         "optimizer": "adam",
@@ -47,11 +51,24 @@ DEFAULT_CONFIG = {
 }
 
 
+# What YapengTian/AVE-ECCV18 does (models.py, models_weakly.py, supervised_main.py, weak_supervised_main.py); the
+# table with file and line is in docs/models.md, "Presets".
+RELEASED = {
+    "model": {"attention_form": "released", "init": "xavier", "loss": "released"},
+    # weak_supervised_main.py: 250 epochs and StepLR(15000 iterations) that never fires within them (55 iterations
+    # per epoch on 3,339 + 178 videos): no lr decay.
+    "tasks": {"weak": {"train": {"epochs": 250, "lr_step": None}}},
+}
+
+
 @register(
     "avel",
     tasks=("supervised", "weak"),
     paper="Tian, Shi, Li, Duan, Xu. Audio-Visual Event Localization in Unconstrained Videos. ECCV 2018",
     default_config=DEFAULT_CONFIG,
+    presets={"released": RELEASED},
+    published={"supervised": 72.7, "weak": 66.7, "selection": "test",
+               "source": "AVEL ECCV18 Table 1 (released supervised_main.py val() reads the test order)"},
 )
 class AVEL(nn.Module):
     def __init__(
@@ -66,16 +83,22 @@ class AVEL(nn.Module):
         classifier_hidden: int = 64,
         fusion: str = "concat",
         mil_pooling: str = "max",
+        attention_form: str = "paper",
+        init: str = "pytorch",
+        loss: str = "paper",
     ):
         super().__init__()
         if task not in ("supervised", "weak"):
             raise ValueError(f"AVEL supports 'supervised' and 'weak', not {task!r}")
+        if init not in ("pytorch", "xavier") or loss not in ("paper", "released"):
+            raise ValueError(f"unknown init {init!r} / loss {loss!r} (init: pytorch, xavier; loss: paper, released)")
+        self.loss_form = loss
         if fusion not in ("concat", "dmrn"):
             raise ValueError(f"unknown fusion {fusion!r} (expected 'concat' or 'dmrn')")
         if mil_pooling not in ("max", "mean"):
             raise ValueError(f"unknown MIL pooling {mil_pooling!r} (expected 'max' or 'mean')")
         self.task, self.fusion, self.mil_pooling = task, fusion, mil_pooling
-        self.attention = AudioGuidedVisualAttention(visual_dim, audio_dim, att_hidden, att_dim)
+        self.attention = AudioGuidedVisualAttention(visual_dim, audio_dim, att_hidden, att_dim, attention_form)
         self.audio_lstm = MaskedLSTM(audio_dim, lstm_hidden, bidirectional=True)
         self.visual_lstm = MaskedLSTM(visual_dim, lstm_hidden, bidirectional=True)
         stream_dim = 2 * lstm_hidden
@@ -87,6 +110,10 @@ class AVEL(nn.Module):
         else:
             self.dmrn = DMRN(stream_dim, shared_update=False, combine="mean")
             self.head = nn.Linear(stream_dim, NUM_CLASSES)
+        if init == "xavier":  # att_Net.init_weights: the attention and classifier weights (biases and LSTMs stay)
+            for module in [*self.attention.modules(), *self.head.modules()]:
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
 
     def forward(self, visual: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         visual, audio = zero_padded(visual, mask), zero_padded(audio, mask)
@@ -103,6 +130,8 @@ class AVEL(nn.Module):
         return out
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        if self.loss_form == "released":
+            return released_loss(outputs, batch, task)
         if task == "supervised":
             return masked_cross_entropy(outputs["segment_logits"], batch["labels"], batch["mask"])
         if task == "weak":
@@ -112,3 +141,18 @@ class AVEL(nn.Module):
 
     def predict(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         return outputs["segment_logits"].argmax(-1)
+
+
+def released_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The released code's loss: ``nn.MultiLabelSoftMarginLoss`` applied to softmax *probabilities* (the network ends
+    in ``F.softmax``) against one-hot targets: per second in supervised_main.py (here averaged over the real seconds),
+    per video on the softmax of the max-pooled scores in weak_supervised_main.py / models_weakly.py."""
+    if task == "supervised":
+        probs, target = outputs["segment_logits"].softmax(-1), F.one_hot(batch["labels"], NUM_CLASSES)
+        per_second = F.multilabel_soft_margin_loss(probs.flatten(0, 1), target.flatten(0, 1).float(), reduction="none")
+        mask = batch["mask"].flatten()
+        return (per_second * mask).sum() / mask.sum()
+    if task == "weak":
+        probs = outputs["video_logits"].softmax(-1)
+        return F.multilabel_soft_margin_loss(probs, F.one_hot(batch["video_label"], NUM_CLASSES).float())
+    raise ValueError(f"AVEL has no loss for task {task!r}")

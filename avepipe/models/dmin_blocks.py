@@ -95,8 +95,11 @@ class AudioGuidedTripletAttention(nn.Module):
     (v^S [B, T, Dv], spatial map M^S [B, T, N], channel map M^C [B, T, Dv])."""
 
     def __init__(self, visual_dim: int, audio_dim: int, *, bottleneck: int, out_dim: int, factor: int,
-                 mfb_dropout: float, lstm_layers: int):
+                 mfb_dropout: float, lstm_layers: int, channel_residual: bool = False):
         super().__init__()
+        # channel_residual: Eq. 2 as released (supv_models.py, New_Audio_Guided_Attention.forward:
+        # ``raw_visual_feature * (channel_att_maps + 1)``), v^C = (1 + M^C) * v instead of M^C * v.
+        self.channel_residual = channel_residual
         self.channel = ChannelAttention(visual_dim, audio_dim, bottleneck)
         self.mfb = MFBCorrelation(visual_dim, audio_dim, out_dim, factor, mfb_dropout)
         self.temporal = SpatialTemporalCorrelation(visual_dim, audio_dim, out_dim, lstm_layers)
@@ -106,7 +109,7 @@ class AudioGuidedTripletAttention(nn.Module):
         if visual.dim() == 5:
             visual = visual.flatten(2, 3)
         channel_map = self.channel(audio, visual)
-        visual_c = channel_map.unsqueeze(2) * visual  # Eq. 2
+        visual_c = (channel_map + 1 if self.channel_residual else channel_map).unsqueeze(2) * visual  # Eq. 2
         joint = self.mfb(audio, visual_c) + self.temporal(audio, visual_c, mask)
         spatial_map = torch.tanh(self.score(joint)).squeeze(-1).softmax(-1)  # Eq. 7, softmax over positions
         attended = (spatial_map.unsqueeze(-1) * visual_c).sum(2)  # Eq. 8
@@ -143,11 +146,16 @@ class DenseAttention(nn.Module):
     ``x_mask`` / ``y_mask`` get no weight. ``W^Q, W^K, W^V`` have no bias (Eq. 9, 11).
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float, dense_alpha: float | None = None):
+    def __init__(self, dim: int, heads: int, dropout: float, dense_alpha: float | None = None,
+                 dense_scale: str = "paper"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads, self.dense_alpha = heads, dense_alpha
+        if dense_scale not in ("paper", "released"):
+            raise ValueError(f"unknown DFA scale {dense_scale!r} (expected 'paper' or 'released')")
+        # "released": the released FCPP is the mean over the d_k channel rolls (supv_models.py,
+        # multi_head_attention_forward: ``avcat.mean(-1)``), i.e. FCPP / d_k, before the usual 1 / sqrt(d_k).
+        self.heads, self.dense_alpha, self.dense_scale = heads, dense_alpha, dense_scale
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, dim, bias=False)
@@ -172,6 +180,8 @@ class DenseAttention(nn.Module):
                 scores_y = q @ k_y.transpose(-1, -2)
             else:
                 scores_y = full_channel_pair_scores(q, k_y, self.dense_alpha)  # N_{Q, K_y} = DFA(Q, K_y)
+                if self.dense_scale == "released":
+                    scores_y = scores_y / q.shape[-1]
             scores = torch.cat([scores, scores_y], -1)
             key_mask = torch.cat([x_mask, y_mask], 1)
         scores = scores / math.sqrt(q.shape[-1])
@@ -189,9 +199,9 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float, *, dense_alpha: float | None = None,
-                 feed_forward: bool = True):
+                 feed_forward: bool = True, dense_scale: str = "paper"):
         super().__init__()
-        self.attention = DenseAttention(dim, heads, dropout, dense_alpha)
+        self.attention = DenseAttention(dim, heads, dropout, dense_alpha, dense_scale)
         self.drop = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.ff = None
@@ -221,6 +231,23 @@ class Encoder(nn.Module):
 
 
 # ---- DCMR cross-matching (Sec. V) -----------------------------------------------------------------------------------
+
+
+def sliding_query_product(query_values: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The released sliding cross-matching (DCMR/model/main_model_a2v.py, ``AudioVideoInter.forward``: for every
+    window k, ``video_feat[k:k+t] *= audio_mean``): candidate second t is multiplied by ``q_{t-k}`` once for every
+    window k covering it, so its weight is the *product* of those ``q_{t-k}`` (1 where no window covers it).
+    Same arguments as :func:`sliding_query_weights`; returns [B, T] (0 on padded seconds)."""
+    b, t = query_values.shape
+    lengths, k_len = mask.sum(1), query.sum(1)
+    steps = torch.arange(t, device=query.device)
+    order = torch.argsort((~query).to(torch.int8), dim=1, stable=True)
+    sequence = torch.where(steps < k_len[:, None], query_values.gather(1, order), 0.0)
+    offset = steps[:, None] - steps[None, :]
+    valid = (offset >= 0) & (offset < k_len[:, None, None]) & (steps <= (lengths - k_len)[:, None, None])
+    picked = sequence.gather(1, offset.clamp(0, t - 1).reshape(1, -1).expand(b, -1)).view(b, t, t)
+    product = torch.where(valid, picked, torch.ones_like(picked)).prod(-1)
+    return torch.where(mask, product, 0.0)
 
 
 def sliding_query_weights(query_values: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

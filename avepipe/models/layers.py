@@ -60,6 +60,13 @@ def span_match_loss(match_logits: torch.Tensor, target_mask: torch.Tensor, mask:
     return per_video_mean(bce, mask)
 
 
+def cml_decode_scores(model: nn.Module, match_logits: torch.Tensor) -> torch.Tensor:
+    """The per-second CML scores the max-contiguous-sum decoding adds up: ``sigma(match_logits)`` for models whose
+    paper sums probabilities (``model.cml_decode == "sigmoid"``: DAM Sec. 3.3, M2N Sec. 3.6), the logits otherwise."""
+    logits = match_logits.float()
+    return torch.sigmoid(logits) if getattr(model, "cml_decode", "logits") == "sigmoid" else logits
+
+
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Max over the real seconds of ``x`` [B, T, ...] -> [B, ...]."""
     keep = mask.reshape(mask.shape + (1,) * (x.dim() - 2))
@@ -94,10 +101,19 @@ class AudioGuidedVisualAttention(nn.Module):
     ``x_i = w_f . tanh(W_v u_v + W_a u_a)``, ``w = softmax_i(x)``, output ``sum_i w_i v_i`` (the raw visual features,
     so the output keeps ``visual_dim``). Accepts visual [B, T, S, S, Dv] or [B, T, N, Dv]; audio [B, T, Da].
     Returns (attended [B, T, Dv], weights [B, T, N]).
+
+    ``form="released"`` is the attention of Tian's released code (AVE-ECCV18 models.py, ``att_Net.forward``:
+    ``affine_v(v_t) + affine_g(a_t).unsqueeze(2)``): ``W_a u_a`` [att_dim] is broadcast along the *position* axis,
+    ``x_i = w_f . tanh(W_v u_v,i + (W_a u_a)_i 1)``, so position i gets the i-th audio component; it needs
+    ``att_dim`` = number of positions (49).
     """
 
-    def __init__(self, visual_dim: int, audio_dim: int, hidden_dim: int = 512, att_dim: int = 49):
+    def __init__(self, visual_dim: int, audio_dim: int, hidden_dim: int = 512, att_dim: int = 49,
+                 form: str = "paper"):
         super().__init__()
+        if form not in ("paper", "released"):
+            raise ValueError(f"unknown attention form {form!r} (expected 'paper' or 'released')")
+        self.form = form
         self.embed_visual = nn.Linear(visual_dim, hidden_dim)  # U_v
         self.embed_audio = nn.Linear(audio_dim, hidden_dim)  # U_a
         self.project_visual = nn.Linear(hidden_dim, att_dim, bias=False)  # W_v
@@ -109,7 +125,13 @@ class AudioGuidedVisualAttention(nn.Module):
             visual = visual.flatten(2, 3)
         u_v = F.relu(self.embed_visual(visual))  # [B, T, N, H]
         u_a = F.relu(self.embed_audio(audio))  # [B, T, H]
-        hidden = torch.tanh(self.project_visual(u_v) + self.project_audio(u_a).unsqueeze(2))
+        if self.form == "released":
+            if self.project_audio.out_features != visual.shape[2]:
+                raise ValueError(f"the released attention form needs att_dim = {visual.shape[2]} positions, "
+                                 f"got {self.project_audio.out_features}")
+            hidden = torch.tanh(self.project_visual(u_v) + self.project_audio(u_a).unsqueeze(-1))  # along positions
+        else:
+            hidden = torch.tanh(self.project_visual(u_v) + self.project_audio(u_a).unsqueeze(2))
         weights = self.score(hidden).squeeze(-1).softmax(-1)  # [B, T, N]
         attended = (weights.unsqueeze(-1) * visual).sum(2)
         return attended, weights

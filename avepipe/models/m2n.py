@@ -194,8 +194,13 @@ class MultiAlignmentModulation(nn.Module):
         # train split) is ~15,700 steps, the AVEL schedule's step budget; no decay is mentioned, so none.
         "train": {"optimizer": "adam", "lr": 5e-4, "batch_size": 32, "epochs": 150},
     },
+    published={"supervised": 79.5, "cml-a2v": 51.2, "cml-v2a": 53.6, "selection": "unknown",
+               "source": "M2N Tables 1-2 (no public code found)"},
 )
 class M2N(nn.Module):
+    # CML: the max-contiguous sum adds the event-relevance predictions sigma(.) of Eq. 16 (Sec. 3.6), not logits.
+    cml_decode = "sigmoid"
+
     def __init__(
         self,
         task: str,

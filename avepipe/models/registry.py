@@ -42,13 +42,23 @@ class ModelSpec:
     # {"model": {...constructor kwargs...},
     #  "train": {"lr", "batch_size", "epochs", "optimizer", "lr_step", "lr_gamma", ...}}
     default_config: dict[str, Any] = field(default_factory=dict)
+    # Named sets of defaults layered over default_config ({"model": {...}, "train": {...}} overrides). "paper" (what
+    # the paper's text says) is default_config itself; "released" is what the authors' public code does.
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The paper's published test numbers: {"supervised": 72.7, "weak": ..., "cml-a2v": ..., "cml-v2a": ...} in %, and
+    # how the paper picked its epoch ("val", "test" or "unknown") under "selection".
+    published: dict[str, Any] = field(default_factory=dict)
+
+    def preset_names(self) -> tuple[str, ...]:
+        return ("paper", *sorted(k for k in self.presets if k != "paper"))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, *, tasks: tuple[str, ...], paper: str, default_config: dict[str, Any]) -> Callable:
-    """Class decorator adding a model to the registry."""
+def register(name: str, *, tasks: tuple[str, ...], paper: str, default_config: dict[str, Any],
+             presets: dict[str, dict[str, Any]] | None = None, published: dict[str, Any] | None = None) -> Callable:
+    """Class decorator adding a model to the registry (``presets``: see :attr:`ModelSpec.presets`)."""
 
     def wrap(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
         if name in _REGISTRY:
@@ -56,7 +66,8 @@ def register(name: str, *, tasks: tuple[str, ...], paper: str, default_config: d
         unknown = set(tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"model {name!r}: unknown tasks {sorted(unknown)}")
-        _REGISTRY[name] = ModelSpec(name, cls, tuple(tasks), paper, default_config)
+        _REGISTRY[name] = ModelSpec(name, cls, tuple(tasks), paper, default_config, dict(presets or {}),
+                                    dict(published or {}))
         return cls
 
     return wrap
@@ -87,6 +98,23 @@ def build_model(name: str, task: str, model_config: dict[str, Any] | None = None
     config = dict(spec.default_config.get("model", {}))
     config.update(model_config or {})
     return spec.cls(task=task, **config)
+
+
+def preset_overrides(name: str, preset: str, task: str | None = None) -> dict[str, Any]:
+    """The ``{"model": ..., "train": ...}`` overrides of ``preset`` for model ``name`` and ``task`` ({} for "paper").
+
+    A preset may hold per-task overrides under ``"tasks": {task: {"model": ..., "train": ...}}``, applied after its
+    common ones. Any other preset name raises :class:`~avepipe.errors.UsageError` naming the model's presets."""
+    spec = get_spec(name)
+    if preset == "paper" and "paper" not in spec.presets:
+        return {}
+    if preset not in spec.presets:
+        raise UsageError(f"model {name!r} has no preset {preset!r} (presets: {', '.join(spec.preset_names())})")
+    entry = spec.presets[preset]
+    out: dict[str, Any] = {part: dict(entry.get(part, {})) for part in ("model", "train")}
+    for part, values in entry.get("tasks", {}).get(task, {}).items():
+        out.setdefault(part, {}).update(values)
+    return out
 
 
 def parameter_count(model: torch.nn.Module) -> int:

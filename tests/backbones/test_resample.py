@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import resampy  # a runtime dependency (pyproject): never skipped
 
 from avepipe.backbones import resample as resample_mod
-from avepipe.backbones.resample import output_length, resample
 from avepipe.backbones.logmel import log_mel_spectrogram, resample_to_16k, samples_for_examples, waveform_to_examples
-
-resampy = pytest.importorskip("resampy")
+from avepipe.backbones.resample import output_length, resample
 
 RATE_PAIRS = [
     (44100, 16000),  # p=160, q=441

@@ -35,6 +35,7 @@ class WeightsServer:
         self.cuts: dict[str, int] = {}
         self.corrupt: set[str] = set()
         self.ignore_range = False
+        self.endless: set[str] = set()  # names answered with a body that never ends (no Content-Length)
         self.log: list[tuple[str, str | None, int]] = []  # (file, Range header, status)
         owner = self
 
@@ -61,6 +62,15 @@ class WeightsServer:
             return
         if name in self.corrupt:
             data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+        if name in self.endless:
+            self.log.append((name, asked, 200))
+            request.send_response(200)
+            request.end_headers()
+            try:
+                while True:  # until the client hangs up
+                    request.wfile.write(data)
+            except OSError:
+                return
         start, status = 0, 200
         if asked and not self.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", asked).group(1))
@@ -399,3 +409,45 @@ def test_unreadable_unofficial_record_is_a_usage_error(target):
     assert result.returncode == 2 and "unofficial.json: unreadable" in result.stderr
     (target / UNOFFICIAL_FILE).write_text(json.dumps({"vggish": "not a record"}))
     assert run_cli("weights", "verify").returncode == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the trust issue: downloads capped at the manifest size, --mirror as a local folder
+
+
+def test_endless_body_is_cut_at_the_manifest_size(serve, tmp_path, monkeypatch):
+    data = b"0123456789abcdef" * 4096
+    server = serve({"tiny-weights.bin": data})
+    server.endless.add("tiny-weights.bin")
+    outcome = download_entry("tiny", tiny_entry(data, size=len(data)), tmp_path, mirror=server.url, backoff=0)
+    assert outcome.status == "failed"
+    assert "\n" not in outcome.message and f"sent more than the {len(data)} bytes the manifest gives" in outcome.message
+    assert list(tmp_path.iterdir()) == []  # nothing kept: no .part growing on disk
+    # An entry without a size is capped too (at UNSIZED_LIMIT).
+    monkeypatch.setattr("avepipe.backbones.download.UNSIZED_LIMIT", 3 * len(data))
+    outcome = download_entry("tiny", tiny_entry(data), tmp_path, mirror=server.url, backoff=0)
+    assert outcome.status == "failed" and f"sent more than the {3 * len(data)} bytes allowed" in outcome.message
+    assert list(tmp_path.iterdir()) == []
+    # A Content-Length above the size is refused before anything is written.
+    server.endless.clear()
+    outcome = download_entry("tiny", tiny_entry(data, size=len(data) - 1), tmp_path, mirror=server.url, backoff=0)
+    assert outcome.status == "failed" and f"announces {len(data)} bytes" in outcome.message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mirror_as_a_local_folder_is_copied_and_verified(tmp_path, target, pca_bytes):
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    (folder / PCA["file"]).write_bytes(pca_bytes)
+    result = run_cli("weights", "download", "vggish_pca", "--mirror", folder)  # a plain path, not file://
+    assert result.returncode == 0, result.stderr
+    assert (target / PCA["file"]).read_bytes() == pca_bytes
+    (target / PCA["file"]).unlink()
+    (folder / PCA["file"]).write_bytes(pca_bytes[:-1] + b"X")
+    result = run_cli("weights", "download", "vggish_pca", "--mirror", folder)
+    assert result.returncode == 1 and "checksum mismatch" in result.stderr
+    assert not (target / PCA["file"]).exists()
+    result = run_cli("weights", "download", "vggish_pca", "--mirror", tmp_path / "no-such-folder")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [f"error: --mirror {tmp_path / 'no-such-folder'}: neither a URL (http://, "
+                                          "https://, file://) nor an existing folder"]

@@ -30,6 +30,9 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "dcmr": _DMIN_CML,
     "diia": {"visual_dim": 64, "audio_dim": 32, "channel_hidden": 64, "channel_bottleneck": 32, "spatial_hidden": 32,
              "dim": 64, "heads": 4, "ff_dim": 128},
+    "psp": {"visual_dim": 64, "audio_dim": 32, "embed_hidden": 32, "embed_dim": 32, "att_hidden": 64,
+            "lstm_hidden": 32},
+    "cmbs": {"visual_dim": 64, "audio_dim": 32, "d_model": 32, "att_hidden": 32, "encoder_ff": 64, "decoder_ff": 64},
 }
 # Architecture switches the contract tests cover one by one (models not listed: their small config only).
 VARIANTS: dict[str, list[dict[str, Any]]] = {

@@ -25,7 +25,7 @@ def _inputs(spec, seconds: int = T):
 
 
 def test_package_exports_and_registers():
-    assert set(model_names()) == {"avel", "avsdn", "dam", "m2n", "dmin", "dcmr", "diia"}
+    assert set(model_names()) == {"avel", "avsdn", "dam", "m2n", "dmin", "dcmr", "diia", "psp", "cmbs"}
     assert models.build_model is build_model and models.parameter_count is parameter_count
     assert models.get_spec is get_spec and models.model_names is model_names
     assert model_names() == sorted(model_names())
