@@ -19,6 +19,9 @@ The contract every model follows (the training loop, evaluate and localize rely 
 * ``predict(outputs, task)`` -> long [B, T] segment labels (supervised / weak).
 
 tests/models/test_contract.py checks the mask and gradient parts of this contract on every registered model.
+
+Registration: importing anything under ``avepipe.models`` first runs the package's ``__init__``, which imports every
+model module; each applies ``@register``. The registry itself imports no model (imports only point down).
 """
 
 from __future__ import annotations
@@ -73,21 +76,14 @@ def register(name: str, *, tasks: tuple[str, ...], paper: str, default_config: d
     return wrap
 
 
-def _load_all() -> None:
-    # Importing the package registers every model (each module applies @register at import time).
-    import avepipe.models  # noqa: F401
-
-
 def get_spec(name: str) -> ModelSpec:
     """The registered model ``name``; :class:`~avepipe.errors.UsageError` (naming the known ones) for another name."""
-    _load_all()
     if name not in _REGISTRY:
         raise UsageError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def model_names() -> list[str]:
-    _load_all()
     return sorted(_REGISTRY)
 
 
