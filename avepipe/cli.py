@@ -503,8 +503,10 @@ def train(
                            overwrite=overwrite)
     paths = DataPaths(features, annotations, categories, splits, noisy if all(noisy) else None)
     current = [seed]
+    stop = StopRequest()
+    options.should_stop = stop
     try:
-        with loud_warnings(), TrainProgress(console) as progress:
+        with loud_warnings(), TrainProgress(console) as progress, stop.on_sigint():
             if seeds == 1:
                 result = train_one(options, paths, progress.epoch)
             else:
@@ -518,6 +520,31 @@ def train(
     except KeyboardInterrupt:
         raise Interrupted(resume_hint(out, seeds, current[0])) from None
     render_train_summary(console, result, out)
+
+
+class StopRequest:
+    """Ctrl-C during training, taken at the next batch boundary instead of wherever the signal lands (an exception
+    raised inside a lock held by the progress display or a checkpoint write could hang or corrupt it). A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    @contextmanager
+    def on_sigint(self) -> Iterator[None]:
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def resume_hint(out: Path, seeds: int, seed: int) -> str:

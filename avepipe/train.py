@@ -300,6 +300,7 @@ class TrainOptions:
     cml_protocol: str | None = None  # models with a cml_protocol option (dcmr): leak-free (default) or paper
     train_noisy: bool = True  # weak: use the released background videos when found (DataPaths.auto_noisy)
     overwrite: bool = False  # replace a finished or killed run in out_dir (else only --resume may use it)
+    should_stop: Callable[[], bool] | None = None  # polled between batches: True ends the run (KeyboardInterrupt) there
 
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -417,6 +418,8 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
         total, count = 0.0, 0
         for step, b in enumerate(batches(data.table, data.splits["train"], batch_size, shuffle=True,
                                          generator=shuffle), start=1):
+            if options.should_stop is not None and options.should_stop():
+                raise KeyboardInterrupt  # at a batch boundary: last.pt holds the last finished epoch
             optimizer.zero_grad(set_to_none=True)
             loss = model.loss(forward(model, b, options.task, options.direction), b, options.task)
             value = float(loss.detach())

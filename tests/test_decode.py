@@ -21,6 +21,9 @@ from tests.helpers import make_clip, run_cli
 def recipe_frames(path: Path, duration: float) -> np.ndarray:
     """The original AVE recipe: every frame VideoCapture returns, cv2.resize to 224, the spec's indices (RGB)."""
     capture = cv2.VideoCapture(str(path))
+    # The 2018 recipe's OpenCV returned frames in coded orientation; OpenCV >= 4.5 applies a rotation tag by default
+    # (fire2.mp4 carries a 180-degree one), so switch that off, as avepipe does (-noautorotate, docs/features.md).
+    capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
     frames = []
     while True:
         ok, frame = capture.read()
@@ -45,6 +48,7 @@ def codec_clips(tmp_path_factory, media_dir) -> list[Path]:
     subprocess.run([ff, "-v", "error", "-y", "-ss", "3.3", "-i", str(media_dir / "trailer_bbb.mp4"), "-t", "3",
                     "-c", "copy", str(cut)], check=True)
     return [media_dir / "chaplin.mp4", media_dir / "big_buck_bunny_432_433.webm", media_dir / "sample_1s.mp4",
+            media_dir / "fire2.mp4",  # a 180-degree rotation tag: frames stay in coded orientation
             media_dir / "smpte-2997.mp4", avi, cut]
 
 
