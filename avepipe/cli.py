@@ -231,7 +231,7 @@ def localize(
     cache: Annotated[Optional[Path], typer.Option(
         "--cache", help="Keep features here; a second run on the same video skips extraction.")] = None,
     device: Device = "auto",
-    workers: Annotated[int, typer.Option(help="Decoder processes (-1: none for one video, else min(8, CPUs)).")] = -1,
+    workers: Annotated[int, typer.Option(help="Decoder processes (-1: none for one video, else one per CPU).")] = -1,
     vgg19_weights: Vgg19Weights = None,
     vggish_weights: VggishWeights = None,
     pca_params: Annotated[Optional[Path], typer.Option(

@@ -124,7 +124,7 @@ class LocalizeConfig:
     checkpoint: str | os.PathLike
     cache: str | os.PathLike | None = None  # keep features here (re-runs skip extraction); default: a temporary cache
     device: str = "auto"
-    workers: int = -1  # decode processes; -1: none for one video (no process start-up), else min(8, CPUs)
+    workers: int = -1  # decode processes; -1: none for one video (no process start-up), else one per CPU
     vgg19_weights: str | None = None  # a file, or "random"
     vggish_weights: str | None = None  # a file, or "random"
     pca_params: str | os.PathLike | None = None

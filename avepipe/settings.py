@@ -13,8 +13,11 @@ SAMPLING_MODES = ("ave", "fps")  # ave: the AVE recipe (all frames, OpenCV resiz
 
 
 def default_workers() -> int:
-    """Decode processes when ``--workers`` is not given: one per core (decoding is the bound of extraction)."""
-    return max(1, os.cpu_count() or 1)
+    """Decode processes when ``--workers`` is not given: one per usable core (decoding is the bound of extraction).
+    Cores this process may run on (a cpuset, ``taskset``), not all of the host's; a CPU quota (``docker --cpus``) is
+    not visible here: pass ``--workers`` then."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(usable))
 
 
 @dataclass
