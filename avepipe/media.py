@@ -287,6 +287,25 @@ def _last_error(stderr: str, path: str) -> str:
     return lines[-1].replace(path, "").strip(" :") if lines else ""
 
 
+def _frame_buffer(width: int, height: int) -> tuple[memoryview, np.ndarray]:
+    """One reused RGB frame buffer: a yielded frame is valid until the next one is read into it."""
+    buffer = bytearray(width * height * 3)
+    return memoryview(buffer), np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
+
+
+def _read_frame(stdout, view: memoryview, path: str) -> bool:  # noqa: ANN001 - a binary pipe
+    """Fill ``view`` with the next raw frame: True, or False at the end of the stream (a partial frame is corrupt)."""
+    got = 0
+    while got < len(view):
+        n = stdout.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    if 0 < got < len(view):
+        raise CorruptMediaError(path, "video stream ends in the middle of a frame")
+    return got > 0
+
+
 class FramePipe:
     """Raw RGB frames of one video streamed from an ffmpeg process, one ``[H, W, 3]`` uint8 array at a time.
 
@@ -314,24 +333,11 @@ class FramePipe:
         self.returncode: int | None = None
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        frame_bytes = self.width * self.height * 3
         stdout = self._proc.stdout
         assert stdout is not None
-        buffer = bytearray(frame_bytes)  # reused: a yielded frame is valid until the next one is read
-        view = memoryview(buffer)
-        frame = np.frombuffer(buffer, dtype=np.uint8).reshape(self.height, self.width, 3)
+        view, frame = _frame_buffer(self.width, self.height)
         try:
-            while True:
-                got = 0
-                while got < frame_bytes:
-                    n = stdout.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                if got == 0:
-                    break
-                if got < frame_bytes:
-                    raise CorruptMediaError(self.info.path, "video stream ends in the middle of a frame")
+            while _read_frame(stdout, view, self.info.path):
                 self.frames_read += 1
                 yield frame
         finally:
@@ -488,27 +494,18 @@ class Decoder:
             time.sleep(min(1.0, self.stall_s / 4))
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        width, height = self.info.width, self.info.height
-        frame_bytes = width * height * 3
         stdout = self._proc.stdout
         assert stdout is not None
-        buffer = bytearray(frame_bytes)  # reused: a yielded frame is valid until the next one is read
-        view = memoryview(buffer)
-        frame = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
+        view, frame = _frame_buffer(self.info.width, self.info.height)
         while True:
-            got = 0
             self._waiting_since = time.monotonic()
-            while got < frame_bytes:
-                n = stdout.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            self._waiting_since = None
-            self._check_stall()
-            if got == 0:
+            try:
+                more = _read_frame(stdout, view, self.info.path)
+            finally:  # a killed (stalled) ffmpeg ends mid-frame: the stall is the reason to report
+                self._waiting_since = None
+                self._check_stall()
+            if not more:
                 return
-            if got < frame_bytes:
-                raise CorruptMediaError(self.info.path, "video stream ends in the middle of a frame")
             self.frames_read += 1
             yield frame
 
