@@ -25,10 +25,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from avepipe.cache import FeatureCache, id_problem
+from avepipe.cache import FeatureCache
 from avepipe.decode import FRAME_SHAPE, DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.errors import UsageError
-from avepipe.planning import BatchReport, plan
+from avepipe.planning import BatchReport, plan, record_plan_failures
 from avepipe.settings import SAMPLING_MODES, ExtractConfig
 from avepipe.version import __version__
 
@@ -89,9 +89,8 @@ def run_decode(paths: list[Path], out: str | os.PathLike, config: ExtractConfig,
     try:
         store.ensure_spec({"sampling": config.sampling, "spec_version": 1})
         todo = plan(paths, store, config, report)
+        record_plan_failures(store, paths, report)
         for vid, error in report.failed.items():
-            if id_problem(vid) is None:
-                store.put_failure(vid, "", error)
             emit("video", {"id": vid, "status": "failed", "error": error})
         emit("start", {"total": report.total, "todo": len(todo), "skipped": len(report.skipped),
                        "previously_failed": len(report.previously_failed), "device": "cpu (decode only)"})

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 from avepipe.backbones.extractor import POOL5_SHAPE, Backbones, VisualResult
-from avepipe.cache import FeatureCache, id_problem
+from avepipe.cache import FeatureCache
 from avepipe.decode import DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.decoded import DecodedSource
 from avepipe.devices import resolve_device
 from avepipe.errors import AvepipeError, UsageError
-from avepipe.inputs import assign_ids
 from avepipe.partial import PartialStore
-from avepipe.planning import BatchReport, plan, source_fields
+from avepipe.planning import BatchReport, plan, record_plan_failures, source_fields
 from avepipe.sampling import FRAMES_PER_SECOND
 from avepipe.settings import SAMPLING_MODES, ExtractConfig
 
@@ -284,9 +283,7 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
         todo = plan(paths, cache, config, report)
         for name in cache.quarantined:
             emit("warning", {"message": f"{name}: unreadable staged file set aside (not used)"})
-        for vid in list(report.failed):
-            if id_problem(vid) is None:
-                cache.put_failure(vid, str(assign_ids(paths).get(vid, "")), report.failed[vid])
+        record_plan_failures(cache, paths, report)
         resumed = _resumable(todo, partial, backbones.spec(config.sampling))
         report.resumed_seconds = sum(len(v) for v in resumed.values())
         emit("start", {"total": report.total, "todo": len(todo), "skipped": len(report.skipped),

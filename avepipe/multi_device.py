@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from avepipe.backbones.extractor import resolve_precision
-from avepipe.cache import FeatureCache, describe_spec_difference, id_problem
+from avepipe.cache import FeatureCache, describe_spec_difference
 from avepipe.decode import exit_with_parent, start_processes
 from avepipe.devices import resolve_device
 from avepipe.errors import AvepipeError, SpecMismatchError, UsageError
-from avepipe.extract import ExtractReport, Progress, plan, run_extract
-from avepipe.inputs import assign_ids, shard_of
+from avepipe.extract import ExtractReport, Progress, run_extract
+from avepipe.inputs import shard_of
+from avepipe.planning import plan, record_plan_failures
 from avepipe.settings import SAMPLING_MODES, ExtractConfig
 
 
@@ -195,9 +196,7 @@ def run_multi_device(paths: list[Path], cache_path: str | os.PathLike, names: li
     try:
         fold(target, leftover_shard_caches(target_path))
         todo = plan(paths, target, replace(config, shard=None), report)
-        for vid, message in report.failed.items():  # an id already in the cache for another file
-            if id_problem(vid) is None:
-                target.put_failure(vid, str(assign_ids(paths)[vid]), message)
+        record_plan_failures(target, paths, report)
         shares: list[dict[str, Path]] = [{} for _ in names]
         for vid, path in todo.items():
             shares[shard_of(vid, n)][vid] = path

@@ -62,6 +62,15 @@ def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: 
     return todo
 
 
+def record_plan_failures(store: FeatureCache, paths: list[Path], report: BatchReport) -> None:
+    """Store the failures :func:`plan` found (an id the store holds for another file); an id that cannot be stored
+    at all stays in the report only."""
+    sources = assign_ids(paths)
+    for vid, error in report.failed.items():
+        if id_problem(vid) is None:
+            store.put_failure(vid, str(sources.get(vid, "")), error)
+
+
 def retries_on_its_own(record: dict[str, Any], path: Path) -> bool:
     """A recorded failure is retried without --retry-failed when its cause was transient (a killed decoder) or when
     the file changed since (size or mtime)."""
