@@ -19,12 +19,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from avepipe.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PIPE_CLOSED,
     EXIT_SOME_FAILED,
     EXIT_TERMINATED,
     AvepipeError,
@@ -62,6 +63,9 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, AvepipeError):
         errors.print(f"[bold red]error:[/] [red]{escape(str(exc))}[/]", soft_wrap=True)
         return exc.exit_code
+    if isinstance(exc, BrokenPipeError):  # `avepipe ... | head`: the reader has what it wanted; no message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more reaches the closed pipe at exit
+        return EXIT_PIPE_CLOSED
     if isinstance(exc, KeyboardInterrupt):
         terminated = isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated)
         word = "terminated (SIGTERM)" if terminated else "interrupted"
@@ -74,7 +78,10 @@ def exit_code(exc: BaseException) -> int:
 
 
 class _Commands(TyperGroup):
-    """Runs the chosen command and hands whatever it raises to :func:`exit_code`."""
+    """Runs the chosen command and hands whatever it raises to :func:`exit_code`; shows flags as flags in help."""
+
+    def get_params(self, ctx: Any) -> list:
+        return _flags_without_type(super().get_params(ctx))
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -87,14 +94,65 @@ class _Commands(TyperGroup):
             raise typer.Exit(exit_code(exc)) from None
 
 
-app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Audio-visual event localization: raw video -> features -> models -> per-second labels.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and merge feature caches.")
+class _Command(TyperCommand):
+    """A command whose help shows flags as flags."""
+
+    def get_params(self, ctx: Any) -> list:
+        return _flags_without_type(super().get_params(ctx))
+
+
+def _flags_without_type(params: list) -> list:
+    """``--pca`` rather than ``--pca <bool>`` in help: a flag takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+EXIT_CODES_HELP = ("[bold]Exit codes:[/] 0 success · 1 some videos failed (listed, and recorded) · 2 usage error "
+                   "(bad option or input file, missing weights, locked cache) · 3 internal error (a bug; "
+                   "AVEPIPE_DEBUG=1 shows the traceback) · 130 Ctrl-C · 143 SIGTERM")
+
+
+def epilog(*examples: str) -> str:
+    """A command's help epilog: examples, then the exit codes."""
+    lines = ["[bold]Examples:[/]", *(f"  {escape(example)}" for example in examples), "", EXIT_CODES_HELP]
+    return "\n".join(lines)
+
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
+                  help="Audio-visual event localization: raw video -> features -> models -> per-second labels.",
+                  epilog=epilog("avepipe localize video.mp4 --checkpoint runs/avel/checkpoint.pt",
+                                "avepipe extract videos/ --cache features.h5",
+                                "avepipe train --model avel --dataset ~/.cache/avepipe/datasets/ave --out runs/avel"))
+cache_app = typer.Typer(cls=_Commands, no_args_is_help=True, context_settings=HELP_OPTIONS,
+                        help="Inspect and merge feature caches.")
 app.add_typer(cache_app, name="cache")
-dataset_app = typer.Typer(no_args_is_help=True, help="The AVE dataset: label files and the released features.")
+dataset_app = typer.Typer(cls=_Commands, no_args_is_help=True, context_settings=HELP_OPTIONS,
+                          help="Datasets: the AVE release, your own videos, label files.")
 app.add_typer(dataset_app, name="dataset")
-weights_app = typer.Typer(no_args_is_help=True, help="Pretrained backbone weights: list, download, import, verify.")
+weights_app = typer.Typer(cls=_Commands, no_args_is_help=True, context_settings=HELP_OPTIONS,
+                          help="Pretrained backbone weights: list, download, import, verify.")
 app.add_typer(weights_app, name="weights")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from avepipe.version import __version__
+
+        console.print(f"avepipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Audio-visual event localization: raw video -> features -> models -> per-second labels."""
 
 
 # --- options shared by several commands ------------------------------------------------------------------------------
@@ -137,7 +195,10 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
 # --- extract / localize ----------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command, epilog=epilog(
+    "avepipe extract videos/ --cache features.h5",
+    "avepipe extract --list files.txt --cache features.h5 --device cuda --shard 0/4",
+    "avepipe extract videos/ --cache features.h5 --retry-failed"))
 def extract(
     paths: Videos = None,
     cache: Annotated[Path, typer.Option("--cache", help="HDF5 feature cache to create or complete.")] = ...,
@@ -185,13 +246,15 @@ def extract(
                 from avepipe.multi_device import parse_devices, run_multi_device
 
                 report = run_multi_device(videos, cache, parse_devices(devices), config, progress.update)
-    render_extract_report(console, errors, report, cache)
+    render_extract_report(console, errors, report, cache, printed=progress.printed)
     if devices is not None:
         render_device_results(console, errors, report.devices)
     raise typer.Exit(report.exit_code)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=epilog(
+    "avepipe decode videos/ --out frames.h5",
+    "avepipe extract videos/ --cache features.h5 --from-decoded frames.h5"))
 def decode(
     paths: Videos = None,
     out: Annotated[Path, typer.Option("--out", help="HDF5 store of decoded frames to create or complete.")] = ...,
@@ -214,11 +277,13 @@ def decode(
     with on_interrupt("finished videos are kept; run the same command again to continue"):
         with ExtractProgress(console, errors, label="decode") as progress:
             report = run_decode(videos, out, config, progress.update)
-    render_extract_report(console, errors, report, out, what="decode")
+    render_extract_report(console, errors, report, out, what="decode", printed=progress.printed)
     raise typer.Exit(report.exit_code)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=epilog(
+    "avepipe localize video.mp4 --checkpoint runs/avel/checkpoint.pt",
+    "avepipe localize videos/ --checkpoint ckpt.pt --cache f.h5 --format json --out labels/ --plot plots/"))
 def localize(
     paths: Videos = None,
     checkpoint: Checkpoint = ...,
@@ -287,7 +352,9 @@ def localize(
 # --- avepipe cache: ls / merge ----------------------------------------------------------------------------------------
 
 
-@cache_app.command("ls")
+@cache_app.command("ls", cls=_Command, epilog=epilog(
+    "avepipe cache ls features.h5",
+    "avepipe cache ls features.h5 --failed"))
 def cache_ls(
     cache: Annotated[Path, typer.Argument(help="Cache file.")],
     failed: Annotated[bool, typer.Option("--failed", help="List only the failures.")] = False,
@@ -299,7 +366,7 @@ def cache_ls(
     render_cache(console, FeatureCache(cache, "r"), failed_only=failed)
 
 
-@cache_app.command("merge")
+@cache_app.command("merge", cls=_Command, epilog=epilog("avepipe cache merge shard-0.h5 shard-1.h5 --out features.h5"))
 def cache_merge(
     inputs: Annotated[List[Path], typer.Argument(help="Caches to join (same feature spec).")],
     out: Annotated[Path, typer.Option("--out", help="Output cache.")],
@@ -315,16 +382,27 @@ def cache_merge(
 # --- avepipe weights: list / download / import / verify (avepipe/backbones/weights.py, download.py) -------------------
 
 
-@weights_app.command("list")
-def weights_list() -> None:
+@weights_app.command("list", cls=_Command, epilog=epilog("avepipe weights list", "avepipe weights list --json"))
+def weights_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of the table (for scripts).")
+                       ] = False,
+) -> None:
     """The manifest's weight files: present or not, official or not, size and download URL."""
     from avepipe.backbones.weights import select_names, weights_dir, weights_status
-    from avepipe.render import render_weights_list
+    from avepipe.render import render_weights_list, weights_list_records
 
-    render_weights_list(console, [weights_status(name) for name in select_names(None)], weights_dir())
+    statuses = [weights_status(name) for name in select_names(None)]
+    if as_json:
+        import json
+
+        print(json.dumps(weights_list_records(statuses), indent=2))
+    else:
+        render_weights_list(console, statuses, weights_dir())
 
 
-@weights_app.command("download")
+@weights_app.command("download", cls=_Command, epilog=epilog(
+    "avepipe weights download",
+    "avepipe weights download vgg19 --mirror https://mirror.example.org/avepipe"))
 def weights_download(
     names: WeightNames = None,
     mirror: Annotated[Optional[str], typer.Option(
@@ -351,7 +429,7 @@ def weights_download(
     raise typer.Exit(EXIT_SOME_FAILED if any(item.status == "failed" for item in outcomes) else EXIT_OK)
 
 
-@weights_app.command("import")
+@weights_app.command("import", cls=_Command, epilog=epilog("avepipe weights import ~/Downloads/vggish-10086976.pth"))
 def weights_import(
     file: Annotated[Path, typer.Argument(help="A weights file you already have.")],
     as_name: Annotated[Optional[str], typer.Option(
@@ -368,7 +446,7 @@ def weights_import(
     raise typer.Exit(EXIT_SOME_FAILED if outcome.status == "failed" else EXIT_OK)
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", cls=_Command, epilog=epilog("avepipe weights verify", "avepipe weights verify vgg19"))
 def weights_verify(names: WeightNames = None) -> None:
     """Checksum the weight files: official, unofficial (recorded import), MISMATCH or missing (exit 1 if named)."""
     from avepipe.backbones.weights import expected_checksum, select_names, weights_dir, weights_status
@@ -387,7 +465,7 @@ def weights_verify(names: WeightNames = None) -> None:
 # --- models / train / evaluate ---------------------------------------------------------------------------------------
 
 
-@app.command("models")
+@app.command("models", cls=_Command, epilog=epilog("avepipe models"))
 def models_command() -> None:
     """List the registered localization models with their tasks and parameter counts."""
     from avepipe.models import build_model, get_spec, model_names, parameter_count
@@ -446,7 +524,9 @@ def comparison_table(result: dict[str, Any]) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=_Command, epilog=epilog(
+    "avepipe train --model avel --task supervised --out runs/avel",
+    "avepipe train --model psp --task weak --features ave.h5 --annotations Annotations.txt --out runs/psp --seeds 3"))
 def train(
     model: Annotated[str, typer.Option("--model", help="Registered model name (see `avepipe models`).")],
     task: Annotated[str, typer.Option("--task", help="supervised, weak or cml.")] = "supervised",
@@ -571,7 +651,7 @@ def resume_hint(out: Path, seeds: int, seed: int) -> str:
     return f"{run}/last.pt keeps the last finished epoch; continue with: {shlex.join(['avepipe', *args, '--resume'])}"
 
 
-@app.command()
+@app.command(cls=_Command, epilog=epilog("avepipe evaluate --checkpoint runs/avel/checkpoint.pt --split test"))
 def evaluate(
     checkpoint: Checkpoint,
     features: Features,
@@ -602,7 +682,8 @@ def evaluate(
 # --- avepipe dataset: labels / import-ave -----------------------------------------------------------------------------
 
 
-@dataset_app.command("labels")
+@dataset_app.command("labels", cls=_Command, epilog=epilog(
+    "avepipe dataset labels --annotations Annotations.txt --out labels.h5"))
 def dataset_labels(
     annotations: Annotations,
     categories: Categories = None,
@@ -616,7 +697,9 @@ def dataset_labels(
     console.print(f"wrote {out}: {rows} rows, {names} categories + background")
 
 
-@dataset_app.command("import-ave")
+@dataset_app.command("import-ave", cls=_Command, epilog=epilog(
+    "avepipe dataset import-ave --audio audio_feature.h5 --visual visual_feature.h5 --annotations Annotations.txt "
+    "--out ave.h5"))
 def dataset_import_ave(
     audio: Annotated[Path, typer.Option(
         "--audio", help="Released audio_feature.h5 (key avadataset, [N,10,128]).")],

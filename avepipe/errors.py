@@ -6,7 +6,8 @@ raise the most specific class where the problem is found and never re-wrap one e
 
 Exit codes (all commands): 0 success, 1 some videos failed (per-video :class:`MediaError`, listed and recorded),
 2 usage / data / weights / cache problems found before or instead of the work, 3 internal error (anything that is not
-an :class:`AvepipeError` is a bug), 130 interrupted.
+an :class:`AvepipeError` is a bug), 130 interrupted (Ctrl-C), 141 the output pipe was closed (`| head`), 143 terminated
+(SIGTERM).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143  # SIGTERM (docker stop, Kubernetes, SLURM): 128 + 15
+EXIT_PIPE_CLOSED = 141  # the output pipe was closed by its reader (`avepipe ... | head`): 128 + SIGPIPE
 
 
 class AvepipeError(Exception):

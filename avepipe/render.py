@@ -21,23 +21,35 @@ from rich.text import Text
 
 
 class _RateColumn(ProgressColumn):
+    """Seconds of video per second of wall time (``3.2× real time``) once any are done, else videos/s."""
+
     def render(self, task) -> Text:
         elapsed = task.elapsed or 0.0
+        seconds = task.fields.get("video_seconds", 0)
+        if seconds and elapsed > 0:
+            return Text(f"{seconds / elapsed:.3g}× real time", style="cyan")
         rate = task.completed / elapsed if elapsed > 0 else 0.0
         return Text(f"{rate:.3g} {task.fields.get('unit', 'videos')}/s", style="cyan")
 
 
 class ExtractProgress:
-    """Receives extract events and shows a progress bar with videos/s; warnings and failures go to stderr."""
+    """Receives extract events and shows one bar: videos done / to do, seconds of video done, speed (× real time),
+    elapsed, ETA, and the video(s) in flight with their seconds done / total. Each warning and failure is printed once,
+    on stderr, when it happens (the summary table only counts them). A run with nothing to do says so, without a bar.
+    """
 
     def __init__(self, console: Console, errors: Console, label: str = "extract"):
         self.errors = errors
         self.label = label
         self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("videos"), TextColumn("{task.fields[video_seconds]} s of video"),
                                  _RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                  TextColumn("{task.description}"), console=console, transient=False)
         self.task = None
         self.long_videos: dict[str, Any] = {}  # video id -> its seconds bar (videos of LONG_VIDEO_S or more)
+        self.in_flight: dict[str, tuple[int, int]] = {}  # video id -> (seconds done, seconds in all)
+        self.finished_seconds = 0
+        self.printed: set[str] = set()  # ids of the failures printed so far
 
     def __enter__(self) -> ExtractProgress:
         self.progress.start()
@@ -50,23 +62,47 @@ class ExtractProgress:
         if event == "warning":
             self.errors.print(f"[bold yellow]WARNING:[/] {fields['message']}", soft_wrap=True)
         elif event == "start":
-            self.task = self.progress.add_task(f"on {fields['device']}", total=fields["todo"], label=self.label,
-                                               unit="videos")
-            if fields["skipped"]:
-                self.progress.console.print(f"{fields['skipped']} videos already in the cache: skipped")
-            if fields.get("resumed_seconds"):
-                self.progress.console.print(f"{fields['resumed_seconds']} seconds of partly extracted long videos "
-                                            f"resumed from the last run")
+            self._start(fields)
         elif event == "seconds":
+            self.in_flight[fields["id"]] = (fields["done"], fields["total"])
             self._seconds(fields)
+            self._refresh()
         elif event == "video" and self.task is not None:
+            self.in_flight.pop(fields["id"], None)
+            self.finished_seconds += fields.get("seconds") or 0
             self.progress.advance(self.task)
             bar = self.long_videos.pop(fields["id"], None)
             if bar is not None:
                 self.progress.remove_task(bar)
-            if fields["status"] == "failed":
-                self.errors.print(f"[red]failed:[/] {fields['error']}", soft_wrap=True)
+            self._refresh()
+        if event == "video" and fields["status"] == "failed" and fields["id"] not in self.printed:
+            self.printed.add(fields["id"])
+            self.errors.print(f"[red]failed:[/] {escape(fields['error'])}", soft_wrap=True)
 
+    def _start(self, fields: dict[str, Any]) -> None:
+        console = self.progress.console
+        earlier = fields.get("previously_failed", 0)
+        parts = [f"{fields['skipped']} videos already in the cache: skipped"] if fields["skipped"] else []
+        if earlier:
+            parts.append(f"{earlier} failed earlier (--retry-failed to try them again)")
+        if not fields["todo"]:
+            console.print(f"nothing to {self.label}: " + "; ".join(parts or ["no videos"]))
+            return
+        self.task = self.progress.add_task("", total=fields["todo"], label=self.label, unit="videos",
+                                           video_seconds=0)
+        console.print("; ".join([f"{self.label} on {fields['device']}: {fields['todo']} videos to do", *parts]))
+        if fields.get("resumed_seconds"):
+            console.print(f"{fields['resumed_seconds']} seconds of partly extracted long videos resumed from the "
+                          f"last run")
+
+    def _refresh(self) -> None:
+        if self.task is None:
+            return
+        shown = list(self.in_flight.items())[:2]
+        current = "  ".join(f"{escape(vid)} {done}/{total} s" for vid, (done, total) in shown)
+        more = len(self.in_flight) - len(shown)
+        seconds = self.finished_seconds + sum(done for done, _ in self.in_flight.values())
+        self.progress.update(self.task, video_seconds=seconds, description=current + (f" (+{more})" if more else ""))
 
     def _seconds(self, fields: dict[str, Any]) -> None:
         """A bar of seconds (with an ETA) for each long video while it is being extracted."""
@@ -75,7 +111,7 @@ class ExtractProgress:
         bar = self.long_videos.get(fields["id"])
         if bar is None:
             bar = self.progress.add_task(escape(fields["id"]), total=fields["total"], completed=fields["done"],
-                                         label="  seconds", unit="s")
+                                         label="  seconds", unit="s", video_seconds=0)
             self.long_videos[fields["id"]] = bar
         self.progress.update(bar, completed=fields["done"])
 
@@ -83,7 +119,12 @@ class ExtractProgress:
 LONG_VIDEO_S = 30  # videos this long get their own progress bar of seconds
 
 
-def render_extract_report(console: Console, errors: Console, report: Any, cache: Path, what: str = "extract") -> None:
+def render_extract_report(console: Console, errors: Console, report: Any, cache: Path, what: str = "extract",
+                          printed: set[str] | frozenset[str] = frozenset()) -> None:
+    """The summary table. Failures already printed while the run went on (``printed``) are only counted; warnings
+    were printed when they happened."""
+    if not (report.done or report.failed or report.previously_failed):
+        return  # nothing was to do: the progress display said so
     table = Table(title=f"{what} summary: {cache}", show_header=True)
     done = "extracted" if what == "extract" else "decoded"
     for column in ("videos", done, "skipped", "failed", "seconds of video", "time", "videos/s"):
@@ -94,11 +135,14 @@ def render_extract_report(console: Console, errors: Console, report: Any, cache:
                   f"{report.elapsed_s:.1f} s", f"{rate:.3g}")
     console.print(table)
     for vid, message in sorted(report.failed.items()):
-        errors.print(f"[red]failed[/] {vid}: {message}", soft_wrap=True)
+        if vid not in printed:
+            errors.print(f"[red]failed:[/] {escape(message)}", soft_wrap=True)
     for vid, message in sorted(report.previously_failed.items()):
-        errors.print(f"[yellow]failed earlier[/] {vid}: {message} (use --retry-failed)", soft_wrap=True)
-    for text in report.warnings:
-        errors.print(f"[bold yellow]WARNING:[/] {text}", soft_wrap=True)
+        errors.print(f"[yellow]failed earlier[/] {escape(vid)}: {escape(message)} (use --retry-failed)",
+                     soft_wrap=True)
+    if (report.failed or report.previously_failed) and what == "extract":
+        errors.print(f"{len(report.failed) + len(report.previously_failed)} failed; the list stays in the cache: "
+                     f"avepipe cache ls {escape(str(cache))} --failed", soft_wrap=True)
 
 
 def render_device_results(console: Console, errors: Console, devices: list) -> None:
@@ -302,12 +346,26 @@ def _state_text(status) -> str:
     return "-"
 
 
+def weights_list_records(statuses: list) -> list[dict[str, Any]]:
+    """``weights list --json``: one object per manifest file (name, file, path, state, official, size, sha256, url)."""
+    from avepipe.backbones.download import source_url
+    from avepipe.backbones.weights import expected_checksum
+
+    return [{"name": s.name, "file": s.entry["file"], "path": str(s.path), "state": s.state,
+             "present": s.state != "missing", "official": s.state == "official",
+             "size": s.size if s.size is not None else s.entry.get("size"), "sha256": s.sha256,
+             "expected": expected_checksum(s.entry), "partial_bytes": s.partial, "url": source_url(s.entry)}
+            for s in statuses]
+
+
 def render_weights_list(console: Console, statuses: list, directory: Path) -> None:
     from avepipe.backbones.download import source_url
 
     table = Table(title=f"weights in {directory}")
     for column in ("name", "file", "present", "official", "size", "url"):
-        table.add_column(column, justify="right" if column == "size" else "left")
+        # The URL is folded, never cut: it is there to be copied.
+        table.add_column(column, justify="right" if column == "size" else "left",
+                         overflow="fold" if column == "url" else "ellipsis", min_width=20 if column == "url" else None)
     for status in statuses:
         if status.state != "missing":
             present = "yes"
