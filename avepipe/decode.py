@@ -44,6 +44,7 @@ from avepipe.settings import DecodeConfig, default_workers
 FRAME_SHAPE = (FRAMES_PER_SECOND, media.FRAME_SIZE, media.FRAME_SIZE, 3)  # one second of selected frames
 SECOND_BYTES = int(np.prod(FRAME_SHAPE))
 _BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SHM_RESERVE = 16 << 20  # bytes of /dev/shm left to other users when the ring is sized
 RING_SLOTS = 6  # seconds in flight per decode process (bounded host memory: 6 x 2.4 MB)
 
 
@@ -266,6 +267,25 @@ class FrameRing:
             self.shm.unlink()
 
 
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Bytes free in the shared-memory file system, or None where there is none to ask (not Linux)."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def ring_slots(workers: int, free: int | None, wanted: int = RING_SLOTS) -> int:
+    """Seconds in flight per decode process that fit in ``free`` bytes of shared memory (at most ``wanted``, 0 if not
+    even one fits). A ring larger than /dev/shm is created without complaint and then kills its writers with SIGBUS
+    (Docker's default /dev/shm is 64 MiB; 7 processes x 6 slots need 101 MB), so fewer slots are used instead: a little
+    less overlap, the same frames. SHM_RESERVE bytes are left to others."""
+    if free is None:
+        return wanted
+    return max(0, min(wanted, (free - SHM_RESERVE) // max(1, workers * SECOND_BYTES)))
+
+
 def exit_with_parent(parent: int) -> None:
     """Watchdog thread body: end this process at once when its parent is gone (kill -9 runs no cleanup, and a child
     blocked on a queue nobody reads would otherwise live forever)."""
@@ -361,10 +381,15 @@ class DecodeSource:
         yield from self._from_processes()
 
     def _from_processes(self) -> Iterator[Message]:
+        slots = ring_slots(self.workers, shared_memory_free())
+        if slots == 0:  # not even one second per process fits in /dev/shm: decode here, without the ring
+            self.workers = 0
+            yield from self
+            return
         ctx = mp.get_context("spawn")  # never fork a process that may hold a CUDA context
         tasks: mp.Queue = ctx.Queue()
         results: mp.Queue = ctx.Queue()
-        self._ring = FrameRing(self.workers)
+        self._ring = FrameRing(self.workers, slots)
         self._free = [ctx.Queue() for _ in range(self.workers)]
         for free in self._free:
             for slot in range(self._ring.slots):

@@ -178,3 +178,42 @@ def test_visual_features_equal_the_recipe_on_real_files(real_cache, media_dir, v
         expected = pool5.reshape(len(frames), 16, 7, 7, 512).mean(axis=1)
         relative = np.abs(entry.visual - expected).sum() / np.abs(expected).sum()
         assert relative < 1e-3, (name, relative)
+
+
+def test_ring_slots_fit_in_shared_memory():
+    from avepipe.decode import RING_SLOTS, SECOND_BYTES, SHM_RESERVE, ring_slots
+
+    assert ring_slots(7, None) == RING_SLOTS  # nothing to ask (not Linux): the default
+    assert ring_slots(7, 10 << 30) == RING_SLOTS  # plenty
+    docker_default = 64 << 20  # 64 MiB: 7 x 6 seconds (101 MB) would die of SIGBUS
+    assert 1 <= ring_slots(7, docker_default) < RING_SLOTS
+    assert 7 * ring_slots(7, docker_default) * SECOND_BYTES <= docker_default - SHM_RESERVE
+    assert ring_slots(7, SHM_RESERVE + SECOND_BYTES) == 0  # not one second per process
+
+
+@pytest.mark.parametrize("free", [64 << 20, 0])
+def test_decode_processes_fit_a_small_dev_shm(tmp_path, monkeypatch, free):
+    """With Docker's 64 MiB /dev/shm fewer seconds are in flight; with none free the videos decode in this process.
+    The frames are the same either way."""
+    import avepipe.decode as decode
+    from avepipe.settings import DecodeConfig
+
+    clips = [make_clip(tmp_path / f"c{i}.mp4", 2.0, freq=300 + 100 * i) for i in range(3)]
+    tasks = [decode.VideoTask(p.stem, str(p)) for p in clips]
+
+    def frames(source):
+        got = {}
+        for message in source:
+            if isinstance(message, decode.Second):
+                got[(message.vid, message.second)] = source.frames(message).copy()
+                source.release(message)
+        return got
+
+    reference = frames(decode.DecodeSource(tasks, DecodeConfig(workers=0)))
+    monkeypatch.setattr(decode, "shared_memory_free", lambda path="/dev/shm": free)
+    source = decode.DecodeSource(tasks, DecodeConfig(workers=2))
+    small = frames(source)
+    assert source.workers == (2 if free else 0)
+    assert small.keys() == reference.keys() and len(small) == 6
+    for key in reference:
+        np.testing.assert_array_equal(small[key], reference[key])
