@@ -15,7 +15,9 @@ block to its source and lists the choices.
 * supervised: per-second classifier, CE + ``lambda`` * AVPS loss (MSE between the L1-normalised ``relu(cos(v''_t,
   a''_t))`` and ``1 / |event|`` on event seconds), ``avps_loss``.
 * weak: weighting branch ``w_t = sigmoid(ReLU(W_3 s_t))`` on the per-second scores ``s_t``, MIL mean over the real
-  seconds, softmax, BCE against the one-hot video label.
+  seconds, softmax, BCE against the video-level label: by default the paper's (Sec. 3) and the released
+  ``prob_label.h5``, the share of event and of background seconds (``weak_target="proportion"``, :func:`event_share`);
+  ``"video-label"``: the one-hot video label.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ BACKGROUND = 28
 EPS = 1e-8  # added to every L1 normaliser (released code), so an all-zero row stays zero instead of NaN
 # Released README / argparse defaults of the pruning threshold tau.
 THRESHOLD = {"supervised": 0.099, "weak": 0.095}
+WEAK_TARGETS = ("proportion", "video-label")
 
 
 def l1_rows(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,17 @@ class PositiveSamplePropagation(nn.Module):
         return 0.5 * (v_out + a_out), v_out, a_out
 
 
+def event_share(event: torch.Tensor, video_label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The weak setting's video-level label [B, 29] (the paper's Sec. 3; the released ``prob_label.h5``, "the proportion
+    of the background and event segments", author's reply in jasongief/PSP_CVPR_2021 issue #7): ``|event| / T`` on the
+    video's category, ``1 - |event| / T`` on background, T the real seconds. Only the event's length enters, not where
+    it lies; a background-only video (category 28, no event) gets 1 on background."""
+    share = torch.where(mask, event, torch.zeros_like(event)).sum(1) / mask.sum(1).clamp(min=1).to(event.dtype)
+    category = F.one_hot(video_label, NUM_CLASSES).to(share.dtype)
+    background = F.one_hot(torch.full_like(video_label, BACKGROUND), NUM_CLASSES).to(share.dtype)
+    return share[:, None] * category + (1 - share[:, None]) * background
+
+
 def avps_loss(cosine: torch.Tensor, event: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Audio-visual pair similarity loss (released ``measure.AVPSLoss``, the paper's Eq. 8-9 per its comment).
 
@@ -126,6 +140,7 @@ def avps_loss(cosine: torch.Tensor, event: torch.Tensor, mask: torch.Tensor) -> 
             "renormalize": True,  # L1-normalise gamma again after pruning (fully_model.py; weakly_model.py does not)
             "dropout": 0.1,
             "lambda_avps": 100.0,  # released --LAMBDA
+            "weak_target": "proportion",  # prob_label.h5: event / background share (Sec. 3); "video-label": one-hot
         },
         # Released fully_supervised_main.py: Adam 1e-3, batch 128, 300 epochs, lr x 0.8 after epochs 60 and 120
         # ((epoch+1) % 60 == 0 and epoch < 170). The weak script decays after 80 and 160 instead.
@@ -149,11 +164,14 @@ class PSP(nn.Module):
         renormalize: bool = True,
         dropout: float = 0.1,
         lambda_avps: float = 100.0,
+        weak_target: str = "proportion",
     ):
         super().__init__()
         if task not in ("supervised", "weak"):
             raise ValueError(f"PSP supports the supervised and weak tasks, not {task!r}")
-        self.task, self.lambda_avps = task, lambda_avps
+        if weak_target not in WEAK_TARGETS:
+            raise ValueError(f"unknown weak_target {weak_target!r} (expected one of {WEAK_TARGETS})")
+        self.task, self.lambda_avps, self.weak_target = task, lambda_avps, weak_target
         self.threshold = THRESHOLD[task] if threshold is None else float(threshold)
         self.embed_audio = nn.Sequential(nn.Linear(audio_dim, embed_hidden, bias=False),
                                          nn.Linear(embed_hidden, embed_dim, bias=False))
@@ -195,8 +213,12 @@ class PSP(nn.Module):
             ce = masked_cross_entropy(outputs["segment_logits"], batch["labels"], mask)
             return ce + self.lambda_avps * avps_loss(outputs["avps"], batch["event"], mask)
         if task == "weak":
+            # weakly_supervised_main.py: nn.BCELoss()(softmax(mean_t w_t s_t), prob_labels)
             probs = outputs["video_logits"].softmax(-1)
-            target = F.one_hot(batch["video_label"], NUM_CLASSES).to(probs.dtype)
+            if self.weak_target == "proportion":
+                target = event_share(batch["event"], batch["video_label"], mask).to(probs.dtype)
+            else:
+                target = F.one_hot(batch["video_label"], NUM_CLASSES).to(probs.dtype)
             return F.binary_cross_entropy(probs, target)
         raise ValueError(f"PSP has no loss for task {task!r}")
 

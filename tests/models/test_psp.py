@@ -88,11 +88,14 @@ def test_registered_with_released_defaults():
     assert spec.cls is PSP and spec.tasks == ("supervised", "weak")
     cfg, train_cfg = spec.default_config["model"], spec.default_config["train"]
     assert (cfg["lambda_avps"], cfg["threshold"], cfg["renormalize"]) == (100.0, None, True)
+    assert cfg["weak_target"] == "proportion" and build_model("psp", "weak").weak_target == "proportion"
     assert (train_cfg["lr"], train_cfg["batch_size"]) == (1e-3, 128)
     assert build_model("psp", "supervised").threshold == 0.099
     assert build_model("psp", "weak").threshold == 0.095
     with pytest.raises(ValueError):
         build_model("psp", "cml")
+    with pytest.raises(ValueError, match="weak_target"):
+        build_model("psp", "weak", {"weak_target": "mean"})
 
 
 @pytest.mark.parametrize("task", ["supervised", "weak"])
@@ -149,12 +152,16 @@ def test_supervised_loss_is_ce_plus_lambda_avps():
                                ref_avps(out["avps"].detach().double(), batch["event"], lengths))
 
 
-def test_weak_head_weighting_mean_pool_and_bce():
+@pytest.mark.parametrize("target", ["proportion", "video-label"])
+def test_weak_head_weighting_mean_pool_and_bce(target):
     torch.manual_seed(0)
-    model = build_model("psp", "weak", SMALL).double().eval()
-    data = small_data(3, seed=4, background_videos=0.3)
-    lengths = [10, 6, 3]
+    model = build_model("psp", "weak", {**SMALL, "weak_target": target}).double().eval()
+    data = small_data(3, seed=4, min_event=2, max_event=6, background_videos=0.3)
+    assert data["video_label"][0] == 28 and (data["video_label"][1:] != 28).all()  # background-only + event videos
+    lengths = [10, 6, 8]  # the last video's event (seconds 7-8) is cut to one real second
     mask = _prefix_mask(lengths, 10)
+    event = data["event"].double()
+    event[1, 7] = float("nan")  # a padded second: never read
     seen = []
     model.classifier.register_forward_hook(lambda mod, inp, out: seen.append(out))
     out = model(data["visual"].double(), data["audio"].double(), mask)
@@ -170,9 +177,14 @@ def test_weak_head_weighting_mean_pool_and_bce():
         torch.testing.assert_close(out["video_logits"][b], video)
         p = torch.softmax(video, -1)
         y = torch.zeros(29, dtype=torch.float64)
-        y[data["video_label"][b]] = 1.0
+        if target == "video-label":
+            y[data["video_label"][b]] = 1.0
+        else:  # prob_label.h5: the share of event seconds on the category, the rest on background
+            n_event = sum(float(event[b, t]) for t in range(m))
+            y[28] = 1 - n_event / m
+            y[data["video_label"][b]] += n_event / m
         expected_loss += -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
-    batch = {"video_label": data["video_label"], "mask": mask}
+    batch = {"video_label": data["video_label"], "event": event, "mask": mask}
     torch.testing.assert_close(model.loss(out, batch, "weak"), expected_loss / 3)
 
 
@@ -187,21 +199,43 @@ def test_learns_synthetic_supervised():
     assert segment_accuracy(model, test_set, "supervised") >= 0.95
 
 
+def _weak_accuracies(model, data):
+    """(all seconds, event seconds) held-out segment accuracy."""
+    with torch.no_grad():
+        pred = model.predict(model(data["visual"], data["audio"], data["mask"]), "weak")
+    right = pred == data["labels"]
+    return right.float().mean().item(), right[data["labels"] != 28].float().mean().item()
+
+
+def test_learns_synthetic_weak_from_the_event_share():
+    # The paper's weak label (Sec. 3; released prob_label.h5): per video, the share of event and of background seconds.
+    # Training sees no per-second label: labels are blanked and each video's event seconds are shuffled in time, so
+    # only the event's length survives. Released recipe: Adam 1e-3 (no decay before epoch 80).
+    torch.manual_seed(0)
+    train_set, test_set = split(small_data(1800, seed=11, min_event=2, background_videos=0.3), 1500)
+    train_set["labels"] = torch.full_like(train_set["labels"], -100)
+    shuffled = torch.rand(train_set["event"].shape, generator=torch.Generator().manual_seed(1)).argsort(1)
+    train_set["event"] = train_set["event"].gather(1, shuffled)
+    model = build_model("psp", "weak", SMALL)
+    train(model, train_set, task="weak", epochs=5, lr=1e-3)
+    accuracy, event_accuracy = _weak_accuracies(model, test_set)
+    print(f"psp weak (event share): {accuracy:.3f} (event seconds {event_accuracy:.3f})")
+    # Trivial baselines on this test set: all-background 0.60; the true video category on every second 0.71.
+    assert accuracy >= 0.85, (accuracy, event_accuracy)
+
+
 def test_learns_synthetic_weak_from_video_labels_only():
-    # Not the issue's 0.85: the released weak model trains on prob_label.h5 (the event's share of the video), not on
-    # the one-hot video label; with the latter, its mean pooling rewards labelling the background seconds of event
-    # videos with the event (docs/models.md, PSP). Asserted: the events are learned, and above the trivial baselines.
+    # weak_target="video-label" (not the paper's): with the one-hot video label the mean pooling rewards labelling the
+    # background seconds of event videos with the event (docs/models.md, PSP). Asserted: the events are learned, and
+    # above the trivial baselines.
     torch.manual_seed(0)
     train_set, test_set = split(small_data(1800, seed=11, min_event=2, background_videos=0.3), 1500)
     train_set["labels"] = torch.full_like(train_set["labels"], -100)
     train_set["event"] = torch.full_like(train_set["event"], float("nan"))
-    model = build_model("psp", "weak", SMALL)
+    model = build_model("psp", "weak", {**SMALL, "weak_target": "video-label"})
     train(model, train_set, task="weak", epochs=4, lr=1e-3)
-    with torch.no_grad():
-        pred = model.predict(model(test_set["visual"], test_set["audio"], test_set["mask"]), "weak")
-    right = pred == test_set["labels"]
-    accuracy, event_accuracy = right.float().mean().item(), right[test_set["labels"] != 28].float().mean().item()
-    print(f"psp weak: {accuracy:.3f} (event seconds {event_accuracy:.3f})")
+    accuracy, event_accuracy = _weak_accuracies(model, test_set)
+    print(f"psp weak (video label): {accuracy:.3f} (event seconds {event_accuracy:.3f})")
     assert event_accuracy >= 0.85 and accuracy >= 0.70, (accuracy, event_accuracy)
 
 
