@@ -12,7 +12,11 @@ Crash safety: ``F.h5`` is never modified in place. A writer stages every finishe
 ``F.h5.staging/`` (written to a temporary name, fsynced, then renamed: a staged entry is complete or absent), and
 *compaction* folds the staged entries into a fresh copy of the store that atomically replaces ``F.h5``. A process
 killed at any moment (SIGKILL included) therefore leaves ``F.h5`` as the previous complete version plus complete staged
-entries; readers see both, and the next writer compacts them. One writer at a time: ``F.h5.lock`` (flock).
+entries; readers see both, and the next writer compacts them. One writer at a time: ``F.h5.lock`` (flock), which
+names its holder (host, pid, start time) so that a refused writer can say who holds it and whether that is stale.
+
+A cache written by ``extract --shard K/N`` records ``shard = "K/N"`` in its root attributes; :func:`merge` checks that
+the shard caches it is given are the N shards of one run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,7 @@ import h5py
 import numpy as np
 
 from avepipe.errors import CacheError, CacheLockedError, SpecMismatchError
+from avepipe.inputs import shard_of
 
 FORMAT = "avepipe-cache"
 FORMAT_VERSION = 1
@@ -111,6 +117,136 @@ def _temp_name(staging: Path, kind: str) -> Path:
     return staging / f".{kind}.tmp{os.getpid()}.{time.monotonic_ns()}"
 
 
+# -- the writer lock's record of its holder ---------------------------------------------------------------------------
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22): with the pid, it tells
+    the lock's holder from a later process that got the same pid."""
+    text = _read_text(f"/proc/{pid}/stat")
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19]) if text else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _this_process() -> dict[str, Any]:
+    """What ``F.h5.lock`` records of its holder: ``host``, ``pid`` and ``started_at`` for people; the boot id, pid
+    namespace and process start time (Linux) to tell whether the holder still runs when it is on this host."""
+    record: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        record["pid_ns"] = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pass
+    boot_id, start = _read_text("/proc/sys/kernel/random/boot_id"), _process_start(os.getpid())
+    if boot_id:
+        record["boot_id"] = boot_id
+    if start is not None:
+        record["process_start"] = start
+    return record
+
+
+@dataclass
+class LockHolder:
+    """The process named in a lock file (any field may be missing: an empty file, or an older avepipe's bare pid)."""
+
+    host: str | None = None
+    pid: int | None = None
+    started_at: str | None = None
+    pid_ns: str | None = None
+    boot_id: str | None = None
+    process_start: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LockHolder":
+        text = text.strip()
+        if text.isdigit():  # written by earlier avepipe versions: the pid alone
+            return cls(pid=int(text))
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return cls()
+        if not isinstance(record, dict):
+            return cls()
+        fields = {name: record.get(name) for name in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in fields.items() if isinstance(v, int if k in ("pid", "process_start") else str)})
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return "a process that left no record in the lock file"
+        host = f" on host {self.host}" if self.host else ""
+        since = f" since {self.started_at}" if self.started_at else ""
+        return f"pid {self.pid}{host}{since}"
+
+    def running(self) -> bool | None:
+        """Whether the holder still runs: checked only for a process of this host (and of this pid namespace: another
+        container's pids mean nothing here); None when it cannot be told."""
+        if self.pid is None or self.host != socket.gethostname():
+            return None
+        here = _this_process()
+        if self.boot_id and here.get("boot_id") and self.boot_id != here["boot_id"]:
+            return False  # this host has restarted since
+        if self.pid_ns and here.get("pid_ns") and self.pid_ns != here["pid_ns"]:
+            return None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # it exists (another user's process)
+        if self.process_start is not None:
+            start = _process_start(self.pid)
+            if start is not None and start != self.process_start:
+                return False  # the pid now belongs to a later process
+        return True
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    path = Path(os.path.realpath(path))
+    return path.with_name(path.name + ".lock")
+
+
+def locked_message(path: Path, holder: LockHolder, hint: str) -> str:
+    """One line: who holds the writer lock of ``path``, then ``hint`` (what to do while it runs), or what to do when
+    that holder is gone."""
+    lock = lock_path(path)
+    running = holder.running()
+    if running is False:
+        return (f"{path}: locked by {holder.describe()} (this host), which is not running: a stale lock (on NFS a "
+                f"lock can outlive its process); if no other process writes this cache, remove {lock} and run again")
+    text = f"{path}: another avepipe process ({holder.describe()}) is writing this cache; {hint}"
+    if running is None and holder.host:
+        text += (f" (if {holder.host} is down, its lock can outlive it on NFS: remove {lock} once you are sure no "
+                 f"process on any node writes this cache)")
+    return text
+
+
+def writer_of(path: str | os.PathLike) -> LockHolder | None:
+    """The process holding the writer lock of ``path`` now (None: no writer). Takes a shared lock for an instant, so
+    it works on a read-only lock file too."""
+    try:
+        handle = open(lock_path(path))
+    except OSError:
+        return None  # no lock file (never written, or removed): no writer
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return LockHolder.parse(handle.read())
+        except OSError:
+            return None  # a file system without locks: nothing to tell
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 class FeatureCache:
     """Read (``mode="r"``) or write (``mode="a"``) access to one cache file and its staged entries."""
 
@@ -143,25 +279,36 @@ class FeatureCache:
 
     # -- locking -------------------------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(lock_path, "a+")
-        except OSError as exc:
-            raise _write_error(self.path.parent, exc) from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+        path = lock_path(self.path)
+        for _ in range(10):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "a+")
+            except OSError as exc:
+                raise _write_error(self.path.parent, exc) from None
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = LockHolder.parse(handle.read())
+                handle.close()
+                hint = "wait for it or use another --cache"
+                raise CacheLockedError(locked_message(self.path, holder, hint)) from None
+            # The lock file may have been removed (a stale lock cleared by hand, a writer discarding an unused cache)
+            # between open and flock: the lock then sits on a file nobody else will open. Lock the current one.
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            opened = os.fstat(handle.fileno())
+            if current is not None and (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
+                break
             handle.close()
-            raise CacheLockedError(
-                f"{self.path}: another avepipe process (pid {holder}) is writing this cache; "
-                "wait for it or use another --cache"
-            ) from None
+        else:
+            raise CacheLockedError(f"{path}: keeps being removed or replaced while avepipe locks it")
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(json.dumps(_this_process()) + "\n")
         handle.flush()
         self._lock_handle = handle
 
@@ -216,6 +363,41 @@ class FeatureCache:
         with h5py.File(self.path, "r") as f:
             raw = f.attrs.get("feature_spec")
         return json.loads(_attr(raw)) if raw is not None else None
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """(K, N) of a cache written by ``extract --shard K/N``; None for any other cache."""
+        if not self.path.exists():
+            return None
+        with h5py.File(self.path, "r") as f:
+            raw = f.attrs.get("shard")
+        if raw is None:
+            return None
+        try:
+            k, n = (int(x) for x in str(_attr(raw)).split("/"))
+        except ValueError:
+            raise CacheError(f"{self.path}: unreadable shard attribute {_attr(raw)!r} (expected K/N)") from None
+        return k, n
+
+    def ensure_shard(self, shard: tuple[int, int] | None) -> None:
+        """Record that this cache holds shard ``(K, N)`` (``extract --shard K/N``), or refuse a run of another shard
+        (or of no shard) on a cache that records one. An older cache without the record gets it when all its videos
+        belong to that shard."""
+        self._require_writer()
+        recorded = self.shard
+        if recorded == shard:
+            return
+        if recorded is not None:
+            this_run = f"--shard {shard[0]}/{shard[1]}" if shard else "a run without --shard"
+            raise CacheError(f"{self.path}: holds shard {recorded[0]}/{recorded[1]} (written with --shard "
+                             f"{recorded[0]}/{recorded[1]}), not {this_run}; use another --cache")
+        k, n = shard
+        for video_id in sorted(set(self.ids()) | set(self.failures())):
+            other = shard_of(video_id, n)
+            if other != k:
+                raise CacheError(f"{self.path}: holds videos of other shards than {k}/{n} (e.g. {video_id!r}, shard "
+                                 f"{other}/{n}); use another --cache for --shard {k}/{n}")
+        self._rewrite(spec=None, shard=shard)
 
     def ensure_spec(self, spec: dict[str, Any]) -> None:
         """Record ``spec`` in a new cache, or refuse when the existing cache was built with another one."""
@@ -409,7 +591,9 @@ class FeatureCache:
             if not p.name.endswith(".corrupt"):  # quarantined files stay for the user to inspect
                 p.unlink()
 
-    def _rewrite(self, spec: dict[str, Any] | None) -> None:
+    def _rewrite(self, spec: dict[str, Any] | None, shard: tuple[int, int] | None = None) -> None:
+        """Write the store anew with the staged entries folded in: ``spec`` and ``shard`` replace the recorded ones
+        when given, else those are kept."""
         staged = set(self._staged_ids())
         failures = {**self._stored_failures(), **self._staged_failures()}
         tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}")
@@ -422,6 +606,10 @@ class FeatureCache:
                     out.attrs["feature_spec"] = json.dumps(spec, sort_keys=True)
                 elif old is not None and "feature_spec" in old.attrs:
                     out.attrs["feature_spec"] = old.attrs["feature_spec"]
+                if shard is not None:
+                    out.attrs["shard"] = f"{shard[0]}/{shard[1]}"
+                elif old is not None and "shard" in old.attrs:
+                    out.attrs["shard"] = old.attrs["shard"]
                 videos = out.create_group("videos")
                 old_ids = set(old["videos"].keys()) if old is not None and "videos" in old else set()
                 for video_id in sorted(old_ids | staged):
@@ -467,14 +655,56 @@ def describe_spec_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "feature spec differs (" + "; ".join(parts) + ")"
 
 
-def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False) -> int:
-    """Join caches built with the same spec into ``out``; returns the number of videos. Refuses mixed specs."""
+def check_shards(readers: list[FeatureCache], allow_unsharded: bool = False) -> None:
+    """Shard caches (``extract --shard K/N``) are merged as the complete set of one run: one N, each K from 0 to N-1
+    exactly once. Caches without a shard record merge as they are; mixed with shard caches only when
+    ``allow_unsharded``."""
+    seen: dict[Path, FeatureCache] = {}
+    for reader in readers:
+        if reader.path in seen:
+            raise CacheError(f"{reader.path}: given twice")
+        seen[reader.path] = reader
+    sharded = [(reader, reader.shard) for reader in readers]
+    sharded = [(reader, shard) for reader, shard in sharded if shard is not None]
+    if not sharded:
+        return
+    first, (_, n) = sharded[0]
+    unsharded = [reader for reader in readers if all(reader is not r for r, _ in sharded)]
+    if unsharded and not allow_unsharded:
+        raise CacheError(f"{unsharded[0].path}: not a shard cache, but {first.path} is (shard {sharded[0][1][0]}/{n}): "
+                         "merging them mixes runs; pass --allow-unsharded if you mean it")
+    by_k: dict[int, FeatureCache] = {}
+    for reader, (k, other_n) in sharded:
+        if other_n != n:
+            raise CacheError(f"{reader.path}: shard {k}/{other_n} of another run than {first.path} (shard "
+                             f"{sharded[0][1][0]}/{n}): give the {n} shards of one run")
+        if k in by_k:
+            raise CacheError(f"{reader.path}: shard {k}/{n} again ({by_k[k].path} is shard {k}/{n} too): two runs of "
+                             "one shard; give each shard once")
+        by_k[k] = reader
+    missing = [k for k in range(n) if k not in by_k]
+    if missing:
+        names = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        plural = "s" if len(missing) > 1 else ""
+        raise CacheError(f"shard{plural} {names} of {n} missing: {len(by_k)} of the {n} shard caches of that run given "
+                         f"(e.g. {first.path}); each `extract --shard K/{n}` writes one")
+
+
+def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False,
+          allow_unsharded: bool = False) -> int:
+    """Join caches built with the same spec into ``out``; returns the number of videos. Refuses mixed specs, caches
+    still being written, and shard caches that are not the complete set of one run (:func:`check_shards`)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CacheError(f"{out}: already exists (pass --overwrite to replace it)")
     if any(Path(p).resolve() == out.resolve() for p in inputs):
         raise CacheError(f"{out}: the output cannot also be an input")
     readers = [FeatureCache(p, "r") for p in inputs]
+    for reader in readers:
+        holder = writer_of(reader.path)
+        if holder is not None:
+            raise CacheLockedError(locked_message(reader.path, holder, "merge once it has finished"))
+    check_shards(readers, allow_unsharded)
     spec = None
     for reader in readers:
         if reader.spec is None:

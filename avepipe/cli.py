@@ -85,7 +85,8 @@ class _Commands(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            with loud_warnings():  # e.g. --device auto on the CPU: one loud line, whichever command
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):  # exit codes, --help and option errors: typer's own
             raise
         except (Exception, KeyboardInterrupt) as exc:
@@ -174,6 +175,14 @@ RetryFailed = Annotated[bool, typer.Option("--retry-failed", help="Retry videos 
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="checkpoint.pt written by `avepipe train`.")]
 Features = Annotated[Path, typer.Option("--features", help="Feature cache (.h5).")]
 Annotations = Annotated[Path, typer.Option("--annotations", help="Annotations.txt.")]
+Dataset = Annotated[Optional[Path], typer.Option(
+    "--dataset", help="Dataset folder: features.h5, Annotations.txt, splits, categories.txt (default: "
+                      "$AVEPIPE_DATA_DIR, else ~/.cache/avepipe/datasets/ave; docs/datasets.md).")]
+DatasetFeatures = Annotated[Optional[Path], typer.Option(
+    "--features", help="Feature cache (.h5) (default: DATASET/features.h5).")]
+DatasetAnnotations = Annotated[Optional[Path], typer.Option(
+    "--annotations", help="Annotations.txt; splits and categories.txt are looked for beside it (default: "
+                          "DATASET/Annotations.txt).")]
 Categories = Annotated[Optional[Path], typer.Option(help="categories.txt (default: beside the annotations).")]
 Splits = Annotated[Optional[Path], typer.Option(
     help="Folder with the split/order files (default: beside the annotations).")]
@@ -293,6 +302,10 @@ def localize(
     fmt: Annotated[str, typer.Option("--format", help="table (terminal), json, csv or jsonl.")] = "table",
     plot: Annotated[Optional[str], typer.Option(
         help="Timeline PNG: a file (one video) or a directory (DIR/: <id>.png each).")] = None,
+    html: Annotated[Optional[str], typer.Option(
+        "--html", help="HTML page with the video beside its labels (click a second to play it): a file (one video) "
+                       "or a directory (DIR/: <id>.html each). Videos up to 20 MB are embedded, bigger ones linked.")
+                    ] = None,
     cache: Annotated[Optional[Path], typer.Option(
         "--cache", help="Keep features here; a second run on the same video skips extraction.")] = None,
     device: Device = "auto",
@@ -310,10 +323,11 @@ def localize(
                            ] = None,
     query_span: Annotated[Optional[str], typer.Option(help="START-END seconds of the query file, e.g. 3-6.")] = None,
 ) -> None:
-    """Per-second event labels for any video (>= 1 s) with a trained checkpoint; spans, files and a timeline picture."""
+    """Per-second event labels for any video (>= 1 s) with a trained checkpoint; spans, files, a timeline picture and
+    an HTML page."""
     from avepipe.inputs import assign_ids, discover, select_shard
     from avepipe.localization import LocalizeConfig, localize_videos, parse_span
-    from avepipe.outputs import check_outputs, get_writer, output_paths, write_results
+    from avepipe.outputs import check_outputs, check_single_target, get_writer, output_paths, write_results
     from avepipe.render import LocalizeProgress, render_localize
 
     if fmt != "table":
@@ -325,8 +339,10 @@ def localize(
     targets = {}
     if out is not None and fmt != "table":
         targets["--out"] = output_paths(out, ids, fmt)
-    if plot is not None:
-        targets["--plot"] = [Path(plot), *output_paths(plot, ids, "png", single=False)]
+    for option, target, suffix in (("--plot", plot, "png"), ("--html", html, "html")):
+        if target is not None:
+            check_single_target(option, target, len(ids))  # several videos need DIR/: refused before any work
+            targets[option] = output_paths(target, ids, suffix)
     check_outputs(targets, [*videos, checkpoint, list_file, cache, query_audio, query_video, vgg19_weights,
                             vggish_weights, pca_params])
     config = LocalizeConfig(
@@ -345,6 +361,11 @@ def localize(
         from avepipe.timeline import save_timelines
 
         for path in save_timelines(results, plot):
+            console.print(f"wrote {path}")
+    if html is not None:
+        from avepipe.report_html import save_reports
+
+        for path in save_reports(results, html):
             console.print(f"wrote {path}")
     raise typer.Exit(EXIT_SOME_FAILED if any(r.error for r in results) else EXIT_OK)
 
@@ -371,11 +392,14 @@ def cache_merge(
     inputs: Annotated[List[Path], typer.Argument(help="Caches to join (same feature spec).")],
     out: Annotated[Path, typer.Option("--out", help="Output cache.")],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    allow_unsharded: Annotated[bool, typer.Option(
+        "--allow-unsharded", help="Also take caches written without --shard along with shard caches.")] = False,
 ) -> None:
-    """Join shard caches into one; refuses caches built with different feature specs."""
+    """Join caches into one. Shard caches (extract --shard K/N) must be all N shards of one run; refuses caches built
+    with different feature specs and caches still being written."""
     from avepipe.cache import merge
 
-    count = merge(inputs, out, overwrite=overwrite)
+    count = merge(inputs, out, overwrite=overwrite, allow_unsharded=allow_unsharded)
     console.print(f"merged {len(inputs)} caches into {out}: {count} videos")
 
 
@@ -484,19 +508,26 @@ def models_command() -> None:
 
 @contextmanager
 def loud_warnings() -> Iterator[None]:
-    """Print avepipe's DataWarnings at once, in bold on stderr (training goes on)."""
+    """Print avepipe's DataWarnings and DeviceWarnings at once, in bold on stderr (the command goes on); each device
+    warning once."""
     import warnings
 
-    from avepipe.errors import DataWarning
+    from avepipe.errors import DataWarning, DeviceWarning
+
+    shown: set[str] = set()
 
     def show(message, category, *_args, **_kwargs):
-        if issubclass(category, DataWarning):
+        if issubclass(category, DeviceWarning) and str(message) in shown:
+            return
+        if issubclass(category, (DataWarning, DeviceWarning)):
+            shown.add(str(message))
             errors.print(f"[bold yellow]WARNING:[/] [yellow]{escape(str(message))}[/]", soft_wrap=True)
         else:
             previous(message, category, *_args, **_kwargs)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", DataWarning)
+        warnings.simplefilter("always", DeviceWarning)
         previous = warnings.showwarning
         warnings.showwarning = show
         yield
@@ -538,8 +569,9 @@ def train(
     cml_protocol: Annotated[Optional[str], typer.Option(
         help="dcmr: leak-free (default: the query modality seen only on its query seconds) or paper (whole "
              "sequences encoded, as the released code; comparable to the published table).")] = None,
-    features: Features = ...,
-    annotations: Annotations = ...,
+    dataset: Dataset = None,
+    features: DatasetFeatures = None,
+    annotations: DatasetAnnotations = None,
     categories: Categories = None,
     splits: Splits = None,
     out: Annotated[Path, typer.Option(
@@ -564,6 +596,7 @@ def train(
         "--no-noisy", help="weak only: do not add the background videos found beside the annotations.")] = False,
 ) -> None:
     """Train a model; the checkpoint is chosen on val, test is evaluated once with it."""
+    from avepipe.data.layout import dataset_inputs
     from avepipe.render import TrainProgress, render_train_summary
     from avepipe.train import DataPaths, TrainOptions, train_seeds
     from avepipe.train import train as train_one
@@ -581,6 +614,7 @@ def train(
                            config_file=config, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume,
                            preset=preset, cml_protocol=cml_protocol, train_noisy=not no_noisy,
                            overwrite=overwrite)
+    features, annotations = dataset_inputs(dataset, features, annotations)
     paths = DataPaths(features, annotations, categories, splits, noisy if all(noisy) else None)
     current = [seed]
     stop = StopRequest()
@@ -654,8 +688,9 @@ def resume_hint(out: Path, seeds: int, seed: int) -> str:
 @app.command(cls=_Command, epilog=epilog("avepipe evaluate --checkpoint runs/avel/checkpoint.pt --split test"))
 def evaluate(
     checkpoint: Checkpoint,
-    features: Features,
-    annotations: Annotations,
+    dataset: Dataset = None,
+    features: DatasetFeatures = None,
+    annotations: DatasetAnnotations = None,
     categories: Categories = None,
     splits: Splits = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
@@ -665,9 +700,11 @@ def evaluate(
     """Evaluate a checkpoint: segment accuracy (supervised, weak) or exact-match accuracy (cml)."""
     import json
 
+    from avepipe.data.layout import dataset_inputs
     from avepipe.train import DataPaths
     from avepipe.train import evaluate as evaluate_checkpoint
 
+    features, annotations = dataset_inputs(dataset, features, annotations)
     result = evaluate_checkpoint(checkpoint, DataPaths(features, annotations, categories, splits), split, device)
     if result.get("warning"):
         errors.print(f"[bold yellow]WARNING:[/] {escape(result['warning'])}", soft_wrap=True)
@@ -679,7 +716,7 @@ def evaluate(
         out.write_text(json.dumps(result, indent=2))
 
 
-# --- avepipe dataset: labels / import-ave -----------------------------------------------------------------------------
+# --- avepipe dataset: labels / import-ave / download-ave / init -------------------------------------------------------
 
 
 @dataset_app.command("labels", cls=_Command, epilog=epilog(
@@ -718,6 +755,78 @@ def dataset_import_ave(
     if stats["shared_rows_differing"]:
         errors.print(f"[yellow]note:[/] {stats['shared_rows_differing']} rows of a shared video carry different "
                      "features in the released files; the first row's are kept")
+
+
+@dataset_app.command("download-ave", cls=_Command, epilog=epilog(
+    "avepipe dataset download-ave",
+    "avepipe dataset download-ave --dir /data/ave --mirror /mnt/share/ave-release",
+    "avepipe dataset download-ave AVE_Dataset.zip"))
+def dataset_download_ave(
+    names: Annotated[Optional[List[str]], typer.Argument(
+        help="File names of the manifest (default: all but labels.h5 and the video zip AVE_Dataset.zip).")] = None,
+    directory: Annotated[Optional[Path], typer.Option(
+        "--dir", help="Dataset folder (default: $AVEPIPE_DATA_DIR, else ~/.cache/avepipe/datasets/ave).")] = None,
+    mirror: Annotated[Optional[str], typer.Option(
+        "--mirror", help="Base URL (fetch <URL>/<file>) or local folder (copy <folder>/<file>) instead of the public "
+                         "locations; checksums are still verified (env AVEPIPE_DATA_MIRROR).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a present file that does not match its checksum.")] = False,
+    retries: Annotated[int, typer.Option(help="Retries after a dropped connection (each resumes the download).")] = 3,
+) -> None:
+    """Download the AVE release (annotations, splits, released features) into the dataset folder: checksum-verified,
+    atomic, resumable (re-run to continue); then build features.h5, so train and evaluate need no further step."""
+    from avepipe.data.release import download_ave, select_names
+    from avepipe.locations import dataset_dir
+    from avepipe.render import DownloadProgress, render_dataset_outcomes
+
+    select_names(names)
+    if retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    folder = directory if directory is not None else dataset_dir()
+    with on_interrupt("partial downloads are kept as <file>.part; run the same command again to resume"):
+        with DownloadProgress(console, errors) as progress:
+            outcomes = download_ave(names, folder, mirror=mirror, progress=progress.update, force=force,
+                                    retries=retries, note=lambda message: console.print(escape(message)))
+    render_dataset_outcomes(console, errors, outcomes)
+    failed = any(item.status == "failed" for item in outcomes)
+    if not failed and (folder / "features.h5").is_file():
+        console.print(f"ready: avepipe train --model avel --dataset {escape(str(folder))} --out runs/avel")
+    raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+@dataset_app.command("init", cls=_Command, epilog=epilog(
+    "avepipe dataset init --csv events.csv --videos clips/ --out mydata",
+    "avepipe extract clips/ --cache mydata/features.h5",
+    "avepipe train --model avel --dataset mydata --out runs/mine"))
+def dataset_init(
+    csv_file: Annotated[Path, typer.Option(
+        "--csv", help="One event per row: video,label,start,end[,split] (whole seconds; docs/datasets.md).")],
+    videos: Annotated[Path, typer.Option("--videos", help="Folder with the videos the CSV names.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Dataset folder to write (default: $AVEPIPE_DATA_DIR, else ~/.cache/avepipe/datasets/ave).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the label files already in --out.")] = False,
+) -> None:
+    """Write Annotations.txt, train/val/test split files and categories.txt (the AVE formats) for your own videos from
+    a CSV, after checking every row against its video."""
+    from avepipe.data.from_csv import init_dataset
+    from avepipe.locations import dataset_dir
+
+    folder = out if out is not None else dataset_dir()
+    summary = init_dataset(csv_file, videos, folder, overwrite=overwrite)
+    console.print(f"wrote {', '.join(escape(p.name) for p in summary.written)} in {escape(str(folder))}: "
+                  f"{summary.rows} events in {summary.videos} videos, {len(summary.categories)} categories")
+    how = "by a hash of the video id" if summary.hashed_split else "from the CSV"
+    console.print("splits (" + how + "): " + ", ".join(
+        f"{s} {summary.split_videos[s]} videos / {summary.split_rows[s]} events" for s in summary.split_rows))
+    longer = summary.longer_than_clip
+    if longer:
+        shown = ", ".join(longer[:5]) + (", ..." if len(longer) > 5 else "")
+        errors.print(f"[yellow]note:[/] {len(longer)} videos are longer than 10 s ({escape(shown)}): train and "
+                     "evaluate use their first 10 s", soft_wrap=True)
+    console.print(f"next: avepipe extract {escape(str(videos))} --cache {escape(str(folder / 'features.h5'))}")
+    console.print(f"then: avepipe train --model avel --dataset {escape(str(folder))} --out runs/mine")
 
 
 def main() -> None:

@@ -1,27 +1,111 @@
-"""The ``--device`` option, shared by every command that runs a network."""
+"""The ``--device`` option, shared by every command that runs a network.
+
+``auto`` is CUDA when torch can use it, else the CPU, and never silently: the CPU choice comes with a
+:class:`~avepipe.errors.DeviceWarning` saying why CUDA cannot be used (a torch build without CUDA, no GPU visible,
+a driver older than the torch build needs ...). ``cuda``/``cuda:N`` on a machine without it is a usage error with the
+same reason.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+import warnings
+
 import torch
 
-from avepipe.errors import UsageError
+from avepipe.errors import DeviceWarning, UsageError
 
 
 class DeviceError(UsageError, ValueError):
     """A ``--device`` this machine cannot run on. Also a ValueError for callers that still catch that (extract)."""
 
 
+_init_messages: list[str] = []  # what torch said when CUDA failed to initialise (it says so once per process)
+
+
+def cuda_available() -> bool:
+    """``torch.cuda.is_available()``, keeping torch's one-time warning about a failed CUDA initialisation (e.g. a
+    driver too old) for :func:`cuda_unavailable_reason` instead of letting it scroll by."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    for warning in caught:
+        text = str(warning.message)
+        if "cuda" in text.lower() and not available:
+            _init_messages.append(text)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return available
+
+
+def _driver_cuda_version() -> int | None:
+    """The CUDA version the installed NVIDIA driver supports (1000 * major + 10 * minor), None without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int(0)
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+        return version.value
+    except (OSError, AttributeError):
+        return None
+
+
+def _gpu_device_files() -> list[str]:
+    return glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/dxg")  # /dev/dxg: the GPU under WSL 2
+
+
+def _version_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch cannot use CUDA on this machine, in one phrase (for when :func:`cuda_available` is False)."""
+    built = torch.version.cuda
+    if not built and getattr(torch.version, "hip", None):
+        return f"this ROCm build of torch ({torch.__version__}) finds no usable AMD GPU"
+    if not built:
+        return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch to use "
+                "a GPU")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles", "void"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    driver = _driver_cuda_version()
+    built_major = int(built.split(".")[0])
+    if driver is not None and driver // 1000 < built_major:
+        supported = _version_text(driver)
+        return (f"the NVIDIA driver supports CUDA up to {supported}, older than the CUDA {built} this torch build "
+                f"needs: update the driver or install a torch build for CUDA {supported} (docs/docker.md, "
+                "TORCH_INDEX_URL)")
+    for message in _init_messages:  # torch's own words: the most specific reason there is
+        text = message.split("CUDA initialization:", 1)[-1].strip()
+        return f"CUDA failed to initialise: {text.split('. ')[0].strip().rstrip('.')}"
+    if not _gpu_device_files():
+        return ("no NVIDIA GPU is visible to this process (no /dev/nvidia* device; in Docker pass --gpus, on "
+                "Kubernetes request nvidia.com/gpu)")
+    if driver is None:
+        return ("the NVIDIA driver library libcuda.so.1 cannot be loaded (in a container, the NVIDIA Container Toolkit "
+                "provides it)")
+    return (f"torch finds no usable CUDA device (driver for CUDA {_version_text(driver)}, torch built for CUDA "
+            f"{built})")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU. Raises :class:`DeviceError` for a name torch does not know or a CUDA
-    device this machine does not have."""
+    """``auto`` is CUDA when available, else the CPU with a :class:`DeviceWarning` that says why. Raises
+    :class:`DeviceError` for a name torch does not know or a CUDA device this machine does not have."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if cuda_available():
+            return torch.device("cuda")
+        warnings.warn(DeviceWarning(f"--device auto runs on the CPU (far slower than a GPU): "
+                                    f"{cuda_unavailable_reason()}"), stacklevel=2)
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DeviceError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and not cuda_available():
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine: {cuda_unavailable_reason()}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}")

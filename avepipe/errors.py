@@ -83,3 +83,8 @@ class MediaError(AvepipeError):
 class DataWarning(UserWarning):
     """Training runs, but on less than the method's published recipe uses (e.g. the weak task without the released
     background-only videos); the command line prints it loudly and metrics.json records what was missing."""
+
+
+class DeviceWarning(UserWarning):
+    """``--device auto`` found no usable GPU and runs on the CPU; the message says why (the command line prints it
+    loudly: a GPU job that silently runs on the CPU is hours slower)."""

@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from avepipe.backbones.extractor import POOL5_SHAPE, Backbones, VisualResult
+from avepipe.backbones.extractor import (
+    POOL5_SHAPE,
+    Backbones,
+    VisualResult,
+    check_weight_files,
+    resolve_precision,
+)
 from avepipe.cache import FeatureCache
 from avepipe.decode import DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.decoded import DecodedSource
@@ -252,39 +258,68 @@ class Run:
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 def check_config(config: ExtractConfig) -> torch.device:
+    """The run's device; bad options (sampling, device, precision) raise :class:`UsageError` before anything is
+    opened or loaded."""
     if config.sampling not in SAMPLING_MODES:
         raise UsageError(f"--sampling {config.sampling}: choose one of {', '.join(SAMPLING_MODES)}")
     try:
-        return resolve_device(config.device)
+        device = resolve_device(config.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    resolve_precision(config.precision, device)
+    return device
 
 
 def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: ExtractConfig,
-                progress: Progress | None = None) -> ExtractReport:
+                progress: Progress | None = None,
+                load_backbones: Callable[[], Backbones] | None = None) -> ExtractReport:
+    """Extract the videos of ``paths`` that are not in the cache yet (see the module's docstring).
+
+    The backbones are loaded only when some video has to be extracted: by ``load_backbones()`` (a caller that runs
+    several extractions, such as :class:`avepipe.localization.Localizer`, passes one that keeps them loaded), else
+    ``Backbones(config, device)``. A run with nothing to do (every video in the cache, or failed earlier) therefore
+    needs no weights files, and reads the cache without taking its writer lock or writing anything; it does not
+    compare its weights with the cache's feature spec either (there is nothing to add to the cache).
+
+    Refused starts: bad options and missing weights files (all named in one :class:`~avepipe.errors.WeightsError`)
+    are found before the cache is opened for writing, so nothing is created or locked; a start refused later
+    (unreadable weights, another feature spec, a locked cache) removes what it created for a new cache (``F.h5``,
+    ``F.h5.lock``, ``F.h5.staging/``) and leaves the contents of an existing cache as they were."""
     emit = progress or (lambda event, fields: None)
     if not paths:
         raise UsageError("no input videos (give files, directories or --list)")
     device = check_config(config)
-    report = ExtractReport()
     started = time.perf_counter()
+    report, work = _look_ahead(paths, cache_path, config)
+    if report is not None:
+        emit("start", {"total": report.total, "todo": 0, "skipped": len(report.skipped),
+                       "previously_failed": len(report.previously_failed), "device": str(device),
+                       "resumed_seconds": 0})
+        report.elapsed_s = time.perf_counter() - started
+        return report
+    if work:  # missing weights are named before a new cache (its folder, lock, staging) is created or one is locked
+        check_weight_files(config)
+    report = ExtractReport()
     cache = FeatureCache(cache_path, "a")  # takes the writer lock first: a second writer fails fast
     partial = PartialStore(cache_path)
     try:
         try:
-            backbones = Backbones(config, device)
-            cache.ensure_spec(backbones.spec(config.sampling))
+            todo = plan(paths, cache, config, report)
+            backbones = None
+            if todo:  # only now: a run with nothing to extract loads (and needs) no weights
+                backbones = load_backbones() if load_backbones is not None else Backbones(config, device)
+                cache.ensure_spec(backbones.spec(config.sampling))
+            cache.ensure_shard(config.shard)  # `cache merge` checks that it gets every shard of one run
         except AvepipeError:
             cache.discard_if_unused()  # a refused start leaves no cache, lock or staging folder behind
             raise
-        report.warnings = backbones.warnings()
+        report.warnings = backbones.warnings() if backbones is not None else []
         for text in report.warnings:
             emit("warning", {"message": text})
-        todo = plan(paths, cache, config, report)
         for name in cache.quarantined:
             emit("warning", {"message": f"{name}: unreadable staged file set aside (not used)"})
         record_plan_failures(cache, paths, report)
-        resumed = _resumable(todo, partial, backbones.spec(config.sampling))
+        resumed = _resumable(todo, partial, backbones.spec(config.sampling)) if backbones is not None else {}
         report.resumed_seconds = sum(len(v) for v in resumed.values())
         emit("start", {"total": report.total, "todo": len(todo), "skipped": len(report.skipped),
                        "previously_failed": len(report.previously_failed), "device": str(device),
@@ -302,6 +337,25 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
         cache.close()
     report.elapsed_s = time.perf_counter() - started
     return report
+
+
+def _look_ahead(paths: list[Path], cache_path: str | os.PathLike,
+                config: ExtractConfig) -> tuple[ExtractReport | None, bool]:
+    """The run planned on the cache opened for reading (no lock, no writes): ``(report, False)`` when there is nothing
+    to do (every video in the cache or failed earlier, nothing new to record); ``(None, True)`` when videos have to be
+    extracted (a new cache: all of them); ``(None, False)`` when only a writer can finish the plan (a new failure to
+    record, a staged file to set aside, another shard)."""
+    path = Path(cache_path)
+    if not path.exists() and not path.with_name(path.name + ".staging").is_dir():
+        return None, True
+    report = ExtractReport()
+    with FeatureCache(path, "r") as reader:
+        todo = plan(paths, reader, config, report)
+        if todo:
+            return None, True
+        if report.failed or reader.quarantined or reader.shard != config.shard:
+            return None, False
+    return report, False
 
 
 def _resumable(todo: dict[str, Path], partial: PartialStore, spec: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -1,17 +1,27 @@
-"""video(s) -> per-second labels: ``avepipe localize`` and ``avepipe.localize()``.
+"""video(s) -> per-second labels: ``avepipe localize``, :class:`Localizer` and ``avepipe.localize()``.
 
-Features come from the extract stage (into ``--cache``, or a temporary cache), so a second run on the same video with
-the same cache skips decoding. A video of T seconds is covered by 10-s windows starting at 0, 10, 20, ... with the last
-window aligned to the end (T - 10); a video shorter than a window is one window of T seconds. Where two windows overlap,
-a second takes the output of the window in which it lies farthest from the window's edges (the most context on both
-sides; ties go to the earlier window), so every label is exactly the model's ``predict`` for one window.
+:class:`Localizer` loads a checkpoint once and labels videos in as many calls as wanted; VGG-19 and VGGish are loaded
+the first time a video has to be extracted (never, when every video is in the cache) and then kept. Features come from
+the extract stage (into ``--cache``, or a temporary cache), so a second run on the same video with the same cache skips
+decoding and needs no weights files.
+
+A video of T seconds is covered by 10-s windows starting at 0, 10, 20, ... with the last window aligned to the end
+(T - 10); a video shorter than a window is one window of T seconds. Where two windows overlap, a second takes the
+output of the window in which it lies farthest from the window's edges (the most context on both sides; ties go to the
+earlier window), so every label is exactly the model's ``predict`` for one window.
+
+Probabilities (:func:`second_probabilities`, docs/localize.md "Probabilities"): each second carries ``probability``,
+the probability of its label in the model's per-second distribution over the 29 classes, and ``event_probability``,
+P(an event in this second) from the model's own event/background decision: at least 0.5 exactly when the label is an
+event class, below 0.5 exactly when it is background, for every model.
 
 CML checkpoints (``--query-audio`` for A2V, ``--query-video`` for V2A) score every second of each video against the
 query span and report the best window of the query's length (the max-contiguous-sum decoding of the papers).
 
 Bad options and queries raise :class:`~avepipe.errors.UsageError`, a bad checkpoint
-:class:`~avepipe.errors.CheckpointError`; a bad video is a record with ``error`` set. The files are written by
-:mod:`avepipe.outputs`.
+:class:`~avepipe.errors.CheckpointError`, missing weights one :class:`~avepipe.errors.WeightsError` naming all of them;
+all of these before any video is decoded (and before a cache is created). A bad video is a record with ``error`` set.
+The files are written by :mod:`avepipe.outputs`.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -36,7 +46,7 @@ from avepipe.data.ave import BACKGROUND
 from avepipe.data.features import NonFiniteFeaturesError, check_finite
 from avepipe.devices import resolve_device
 from avepipe.errors import UsageError
-from avepipe.extract import ExtractReport, run_extract
+from avepipe.extract import ExtractReport, check_config, run_extract
 from avepipe.inputs import assign_ids, discover, select_shard
 from avepipe.metrics import max_contiguous_window
 from avepipe.models.layers import cml_decode_scores
@@ -52,9 +62,14 @@ MATCH, NO_MATCH = "match", "-"
 class SecondLabel:
     start: int
     end: int
-    label: str
+    label: str  # a class name or "background" (CML: "match" or "-")
+    # P(an event happens in this second), from the model's own event/background decision: >= 0.5 exactly when
+    # ``label`` is an event class, < 0.5 exactly when it is background (see second_probabilities). CML: the match
+    # probability of the second (the match is the best window, not a threshold).
     event_probability: float
-    class_probability: float
+    # The probability of ``label`` itself: P(background) for a background second, P(that class) for an event second,
+    # in the distribution ``top3`` is taken from (CML: the match probability for "match", 1 - it for "-").
+    probability: float
     top3: list[dict[str, Any]]  # [{"label", "probability"}], best first (empty for CML)
 
 
@@ -67,6 +82,8 @@ class VideoLabels:
     spans: list[dict[str, Any]] = field(default_factory=list)  # consecutive seconds with one label
     error: str | None = None
     query: dict[str, Any] | None = None  # CML: {"file", "start", "end", "direction"}
+    model: str | None = None  # the checkpoint's model and task, e.g. "avel supervised"
+    checkpoint: str | None = None  # the checkpoint file as given
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +167,45 @@ def parse_span(text: str) -> tuple[int, int]:
     return start, end
 
 
-class Localizer:
+def second_probabilities(model: torch.nn.Module, outputs: dict[str, torch.Tensor],
+                         task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-second class distribution ``[..., 29]`` and event probability ``[...]`` of a model's outputs (classes the
+    checkpoint does not name already masked), consistent with the model's ``predict``.
+
+    * Models whose ``predict`` is the argmax of ``segment_logits`` (one stage: AVEL, AVSDN, PSP, DIIA, CMBS weak): the
+      distribution is the softmax of the 29 scores, and the event/background decision is "the best event class beats
+      background", so ``event = sigmoid(best event score - background score) = P(best) / (P(best) + P(background))``.
+      (Not ``1 - P(background)``: a model that spreads its mass over many classes has a high ``1 - P(background)``
+      while no single class beats background, and labels the second background.)
+    * Models that decide event vs background first, then the category (two stages: DAM, M2N, DMIN, CMBS supervised),
+      say so with ``model.event_logits(outputs, task)`` (the registry contract): ``event = sigmoid(event logit)`` (DAM's
+      ``p_t``, M2N's ``p^r``, DMIN's ``s_t``, CMBS's event score), ``P(background) = 1 - event`` and
+      ``P(class c) = event * P(c | event)``, with ``P(c | event)`` the softmax of the event classes' scores.
+
+    Either way ``event >= 0.5`` exactly when ``predict`` gives an event class (up to exact ties), and the predicted
+    class is the most probable event class of the distribution."""
+    scores = outputs["segment_logits"].float()
+    hook = getattr(model, "event_logits", None)
+    logits = hook(outputs, task) if hook is not None else None
+    if logits is None:
+        event = torch.sigmoid(scores[..., :BACKGROUND].max(-1).values - scores[..., BACKGROUND])
+        return scores.softmax(-1), event
+    event = torch.sigmoid(logits.float()).expand(scores.shape[:-1])
+    given_event = scores[..., :BACKGROUND].softmax(-1).nan_to_num(0.0)  # no named event class: all zero
+    return torch.cat([event[..., None] * given_event, (1.0 - event)[..., None]], -1), event
+
+
+def _event_side(event: float, is_background: bool) -> float:
+    """``event`` rounded to 4 places. At 0.5 (a tie, or 0.49996 rounding up) it is kept on the side of 0.5 its label
+    is on: a background second must not show event probability 0.5. Nothing else is adjusted: a value on the wrong
+    side would be a bug of :func:`second_probabilities`, and the tests must see it."""
+    rounded = round(event, 4)
+    if abs(event - 0.5) < 1e-4:
+        return min(rounded, 0.4999) if is_background else max(rounded, 0.5)
+    return rounded
+
+
+class CheckpointLabeller:
     """A loaded checkpoint on a device, turning cached features of one video into per-second records."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: torch.device):
@@ -160,6 +215,7 @@ class Localizer:
         self.direction = self.ckpt.get("direction")
         self.feature_spec = json.loads(self.ckpt.get("feature_spec") or "{}")
         self.known = torch.tensor(known_classes(self.ckpt), device=device)
+        self.description = f"{self.ckpt['model']} {self.task}"
 
     def name(self, index: int) -> str:
         return class_name(self.ckpt, index)
@@ -175,19 +231,16 @@ class Localizer:
         mask = torch.ones(len(starts), length, dtype=torch.bool, device=self.device)
         out = self._known_only(self.model(v, a, mask))
         pred = self.model.predict(out, self.task)  # [W, L]
-        probs = out["segment_logits"].float().softmax(-1)
-        if "relevance" in out:  # models with an explicit event/background decision report it directly
-            event = out["relevance"].float()
-        else:
-            event = 1.0 - probs[..., BACKGROUND]
+        probs, event = second_probabilities(self.model, out, self.task)
         top_p, top_i = probs.topk(min(3, len(self.known)), dim=-1)
         records = []
         for s, w in enumerate(window_owner(seconds, starts)):
             t = s - starts[w]
             label = int(pred[w, t])
             records.append(SecondLabel(
-                start=s, end=s + 1, label=self.name(label), event_probability=round(float(event[w, t]), 4),
-                class_probability=round(float(probs[w, t, label]), 4),
+                start=s, end=s + 1, label=self.name(label),
+                event_probability=_event_side(float(event[w, t]), label == BACKGROUND),
+                probability=round(float(probs[w, t, label]), 4),
                 top3=[{"label": self.name(int(i)), "probability": round(float(p), 4)}
                       for p, i in zip(top_p[w, t].tolist(), top_i[w, t].tolist())],
             ))
@@ -238,8 +291,8 @@ class Localizer:
         for s, score in enumerate(scores):
             p = round(1.0 / (1.0 + math.exp(-score)), 4) if score > -50 else 0.0
             label = MATCH if best <= s < best + span else NO_MATCH
-            records.append(SecondLabel(start=s, end=s + 1, label=label, event_probability=p, class_probability=p,
-                                       top3=[]))
+            records.append(SecondLabel(start=s, end=s + 1, label=label, event_probability=p,
+                                       probability=p if label == MATCH else round(1.0 - p, 4), top3=[]))
         return records
 
 
@@ -249,50 +302,170 @@ def spec_differences(trained: dict[str, Any], used: dict[str, Any]) -> list[str]
     return [k for k in keys if k in trained and k in used and trained[k] != used[k]]
 
 
+class Localizer:
+    """Per-second labels for videos with one checkpoint, loaded once and kept across calls (the inferencer pattern of
+    mmaction2's ``MMAction2Inferencer``).
+
+    The checkpoint is loaded here (a bad one raises :class:`~avepipe.errors.CheckpointError` at once); VGG-19 and
+    VGGish are loaded the first time a video has to be extracted, and kept for later calls. With ``cache``, videos
+    already in it are not decoded again, and a call whose videos are all there needs no weights files at all. Without
+    it, each call extracts into a temporary cache deleted at its end.
+
+    Example::
+
+        from avepipe import Localizer
+
+        localizer = Localizer("runs/avel/checkpoint.pt", cache="features.h5")
+        for video in localizer.localize(["a.mp4", "videos/"]):
+            if video.error:
+                print(video.error)
+                continue
+            for span in video.spans:
+                print(video.id, span["label"], span["start"], span["end"])
+        later = localizer.localize("b.mp4")  # the checkpoint and the backbones are not loaded again
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``. The keyword options are those of
+    ``avepipe localize`` (:class:`LocalizeConfig`). Errors: see :meth:`localize`.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", cache: str | os.PathLike | None = None,
+                 *, workers: int = -1, vgg19_weights: str | None = None, vggish_weights: str | None = None,
+                 pca_params: str | os.PathLike | None = None, precision: str = "auto",
+                 retry_failed: bool = False) -> None:
+        self.config = LocalizeConfig(checkpoint=checkpoint, cache=cache, device=device, workers=workers,
+                                     vgg19_weights=vgg19_weights, vggish_weights=vggish_weights,
+                                     pca_params=pca_params, precision=precision, retry_failed=retry_failed)
+        self.device = resolve_device(device)
+        self.labeller = CheckpointLabeller(checkpoint, self.device)
+        spec = self.labeller.feature_spec
+        # The feature options follow the checkpoint: its sampling mode and PCA setting are those it was trained on.
+        self.extract_config = ExtractConfig(
+            device=str(self.device), workers=workers, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights,
+            pca=spec.get("audio") == "vggish/pca-uint8", pca_params=str(pca_params) if pca_params else None,
+            sampling=spec.get("sampling", "ave") if spec.get("sampling") in SAMPLING_MODES else "ave",
+            precision=precision, retry_failed=retry_failed,
+        )
+        check_config(self.extract_config)  # a bad --precision fails now, not at the first video to extract
+        self._backbones: Backbones | None = None  # VGG-19 + VGGish, once a video needed them
+        self._audio_backbones: Backbones | None = None  # VGGish alone, for an A2V query when nothing else was needed
+
+    @classmethod
+    def from_config(cls, config: LocalizeConfig) -> Localizer:
+        return cls(config.checkpoint, config.device, config.cache, workers=config.workers,
+                   vgg19_weights=config.vgg19_weights, vggish_weights=config.vggish_weights,
+                   pca_params=config.pca_params, precision=config.precision, retry_failed=config.retry_failed)
+
+    @property
+    def model(self) -> str:
+        """The checkpoint's model and task, e.g. ``"avel supervised"``."""
+        return self.labeller.description
+
+    def backbones(self) -> Backbones:
+        """VGG-19 and VGGish, loaded on the first call (all missing weights files in one error) and kept."""
+        if self._backbones is None:
+            self._backbones = Backbones(self.extract_config, self.device)
+        return self._backbones
+
+    def audio_backbone(self) -> Backbones:
+        """VGGish (for an A2V query): the loaded backbones if there are, else VGGish alone, loaded once."""
+        if self._backbones is not None:
+            return self._backbones
+        if self._audio_backbones is None:
+            self._audio_backbones = Backbones(self.extract_config, self.device, visual=False)
+        return self._audio_backbones
+
+    def localize(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+                 query_audio: str | os.PathLike | None = None, query_video: str | os.PathLike | None = None,
+                 query_span: tuple[int, int] | None = None, shard: tuple[int, int] | None = None,
+                 list_file: str | os.PathLike | None = None,
+                 progress: Progress | None = None) -> list[VideoLabels]:
+        """Per-second labels of each video (files or directories, searched recursively; one path may be a string),
+        one :class:`VideoLabels` per input video in input order.
+
+        A video that cannot be used (unreadable, shorter than 1 s, no features) does not raise: its record has
+        ``error`` set and no seconds. Problems of the call itself raise an :class:`~avepipe.errors.AvepipeError`
+        before any video is decoded: :class:`~avepipe.errors.UsageError` (no videos, a query that does not fit the
+        checkpoint or its file), :class:`~avepipe.errors.WeightsError` (weights files missing, all named at once; only
+        when some video has to be extracted). CML checkpoints take ``query_audio`` (A2V) or ``query_video`` (V2A) and
+        ``query_span=(start, end)`` in seconds of the query file. ``progress(event, fields)`` receives the extract
+        stage's events (see :mod:`avepipe.extract`) and ``"labelled"`` per video."""
+        if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__"):
+            paths = [paths]
+        results, _ = self.run(paths, query_audio=query_audio, query_video=query_video, query_span=query_span,
+                              shard=shard, list_file=list_file, progress=progress)
+        return results
+
+    def run(self, paths: Iterable[str | os.PathLike], *, query_audio: str | os.PathLike | None = None,
+            query_video: str | os.PathLike | None = None, query_span: tuple[int, int] | None = None,
+            shard: tuple[int, int] | None = None, list_file: str | os.PathLike | None = None,
+            progress: Progress | None = None) -> tuple[list[VideoLabels], ExtractReport]:
+        """:meth:`localize` with the extract stage's report (what was extracted, skipped, failed)."""
+        emit = progress or (lambda event, fields: None)
+        videos = discover(paths, list_file)
+        if not videos:
+            raise UsageError("no input videos (give files, directories or --list)")
+        config = replace(self.config, query_audio=query_audio, query_video=query_video, query_span=query_span,
+                         shard=shard)
+        query = _check_query_options(self.labeller, config)
+        ids = select_shard(assign_ids(videos), shard)
+        if not ids:
+            return [], ExtractReport()
+        extract_config = self.extract_config
+        if self.config.workers < 0:  # no process start-up for one video
+            extract_config = replace(extract_config, workers=0 if len(ids) <= 1 else -1)
+        with tempfile.TemporaryDirectory(prefix="avepipe-localize-") as tmp:
+            cache_path = Path(self.config.cache) if self.config.cache else Path(tmp) / "features.h5"
+            inputs = list(ids.values())
+            if config.query_video:
+                inputs.append(Path(config.query_video))  # its visual features come through the same cache
+            report = run_extract(inputs, cache_path, extract_config, emit, load_backbones=self.backbones)
+            with FeatureCache(cache_path, "r") as cache:
+                differing = spec_differences(self.labeller.feature_spec, cache.spec or {})
+                if differing:
+                    emit("warning", {"message": f"{self.config.checkpoint}: trained on features that differ from "
+                                                f"these in {', '.join(differing)}; labels may be unreliable"})
+                features = None
+                if query is not None:
+                    features = self._query_features(config, query, cache)
+                results = []
+                for vid, path in ids.items():
+                    results.append(_label_one(vid, path, cache, report, self.labeller, features, config))
+                    results[-1].model, results[-1].checkpoint = self.model, str(self.config.checkpoint)
+                    emit("labelled", {"id": vid, "error": results[-1].error})
+        return results, report
+
+    def _query_features(self, config: LocalizeConfig, query: media.MediaInfo, cache: FeatureCache) -> np.ndarray:
+        start, end = config.query_span
+        if config.query_video:  # V2A: visual features of the query video, extracted into the same cache
+            qpath = Path(config.query_video)
+            qid = next(iter(assign_ids([qpath])))
+            if qid not in cache:
+                failure = cache.failures().get(qid, {}).get("error", f"{qpath}: no features")
+                raise UsageError(f"query {failure}")
+            visual = cache.get(qid).visual
+            if end > len(visual):
+                raise UsageError(f"--query-span {start}-{end}: {qpath} has {len(visual)} s")
+            return np.asarray(visual[start:end], dtype=np.float32)
+        # A2V: VGGish of the query file's audio (any media file with sound, audio-only included).
+        try:
+            wave, rate = media.decode_audio(query)
+        except media.MediaError as exc:  # a bad input video fails alone (exit 1); a bad query fails the run (exit 2)
+            raise UsageError(f"query {exc}") from None
+        examples, _ = logmel.waveform_to_examples(wave, rate, query.seconds)
+        return self.audio_backbone().audio(examples[start:end])
+
+
 def localize_videos(paths: Iterable[str | os.PathLike], config: LocalizeConfig, *,
                     list_file: str | os.PathLike | None = None,
                     progress: Progress | None = None) -> tuple[list[VideoLabels], ExtractReport]:
-    """Label every second of each video. Bad videos get a record with ``error`` set; the others finish."""
-    emit = progress or (lambda event, fields: None)
-    videos = discover(paths, list_file)
-    if not videos:
-        raise UsageError("no input videos (give files, directories or --list)")
-    device = resolve_device(config.device)
-    localizer = Localizer(config.checkpoint, device)
-    _check_query_options(localizer, config)
-    ids = select_shard(assign_ids(videos), config.shard)
-    spec = localizer.feature_spec
-    extract_config = ExtractConfig(
-        device=str(device), workers=config.workers if config.workers >= 0 else (0 if len(ids) <= 1 else -1),
-        vgg19_weights=config.vgg19_weights, vggish_weights=config.vggish_weights,
-        pca=spec.get("audio") == "vggish/pca-uint8", pca_params=config.pca_params,
-        sampling=spec.get("sampling", "ave") if spec.get("sampling") in SAMPLING_MODES else "ave",
-        precision=config.precision, retry_failed=config.retry_failed,
-    )
-    if not ids:
-        return [], ExtractReport()
-    with tempfile.TemporaryDirectory(prefix="avepipe-localize-") as tmp:
-        cache_path = Path(config.cache) if config.cache else Path(tmp) / "features.h5"
-        inputs = list(ids.values())
-        if config.query_video:
-            inputs.append(Path(config.query_video))  # its visual features come through the same cache
-        report = run_extract(inputs, cache_path, extract_config, emit)
-        with FeatureCache(cache_path, "r") as cache:
-            differing = spec_differences(spec, cache.spec or {})
-            if differing:
-                emit("warning", {"message": f"{config.checkpoint}: trained on features that differ from these in "
-                                            f"{', '.join(differing)}; labels may be unreliable"})
-            query = None
-            if config.query_video or config.query_audio:
-                query = _query_features(config, localizer, cache, extract_config)
-            results = []
-            for vid, path in ids.items():
-                results.append(_label_one(vid, path, cache, report, localizer, query, config))
-                emit("labelled", {"id": vid, "error": results[-1].error})
-    return results, report
+    """Label every second of each video with a one-off :class:`Localizer` (``avepipe localize``). Bad videos get a
+    record with ``error`` set; the others finish."""
+    localizer = Localizer.from_config(config)
+    return localizer.run(paths, query_audio=config.query_audio, query_video=config.query_video,
+                         query_span=config.query_span, shard=config.shard, list_file=list_file, progress=progress)
 
 
-def _label_one(vid: str, path: Path, cache: FeatureCache, report: ExtractReport, localizer: Localizer,
+def _label_one(vid: str, path: Path, cache: FeatureCache, report: ExtractReport, labeller: CheckpointLabeller,
                query: np.ndarray | None, config: LocalizeConfig) -> VideoLabels:
     result = VideoLabels(video=str(path), id=vid)
     error = report.failed.get(vid) or report.previously_failed.get(vid)
@@ -310,12 +483,12 @@ def _label_one(vid: str, path: Path, cache: FeatureCache, report: ExtractReport,
         return result
     try:
         if query is not None:
-            result.seconds = localizer.match(entry.visual, entry.audio, query)
+            result.seconds = labeller.match(entry.visual, entry.audio, query)
             start, end = config.query_span
             result.query = {"file": str(config.query_video or config.query_audio), "start": start, "end": end,
-                            "direction": localizer.direction}
+                            "direction": labeller.direction}
         else:
-            result.seconds = localizer.label(entry.visual, entry.audio)
+            result.seconds = labeller.label(entry.visual, entry.audio)
     except UsageError as exc:  # a query longer than this video: this video's problem, not the run's
         result.error = f"{path}: {exc}"
         return result
@@ -323,47 +496,33 @@ def _label_one(vid: str, path: Path, cache: FeatureCache, report: ExtractReport,
     return result
 
 
-def _check_query_options(localizer: Localizer, config: LocalizeConfig) -> None:
-    if localizer.task != "cml":
+def _check_query_options(labeller: CheckpointLabeller, config: LocalizeConfig) -> media.MediaInfo | None:
+    """Whether the query options fit the checkpoint, and the query file its span: the probed query file (None for a
+    checkpoint that takes no query). Raises :class:`UsageError` before any video is decoded."""
+    if labeller.task != "cml":
         if config.query_audio or config.query_video:
-            raise UsageError(f"{config.checkpoint} is a {localizer.task} checkpoint; --query-* needs a CML one")
-        return
-    if localizer.direction == "both":  # trained on both directions (dam --direction both): the query picks one
+            raise UsageError(f"{config.checkpoint} is a {labeller.task} checkpoint; --query-* needs a CML one")
+        return None
+    direction = labeller.ckpt.get("direction")
+    if direction == "both":  # trained on both directions (dam --direction both): the query picks one
         if bool(config.query_audio) == bool(config.query_video):
             raise UsageError(f"{config.checkpoint} is a CML checkpoint of both directions: give --query-audio FILE "
                              "(A2V) or --query-video FILE (V2A), and --query-span START-END")
-        localizer.direction = "a2v" if config.query_audio else "v2a"
-    wanted = "--query-audio" if localizer.direction == "a2v" else "--query-video"
-    given = config.query_audio if localizer.direction == "a2v" else config.query_video
-    other = config.query_video if localizer.direction == "a2v" else config.query_audio
+        direction = "a2v" if config.query_audio else "v2a"
+    wanted = "--query-audio" if direction == "a2v" else "--query-video"
+    given = config.query_audio if direction == "a2v" else config.query_video
+    other = config.query_video if direction == "a2v" else config.query_audio
     if not given or other:
-        raise UsageError(f"{config.checkpoint} is a CML {localizer.direction} checkpoint: give {wanted} FILE "
+        raise UsageError(f"{config.checkpoint} is a CML {direction} checkpoint: give {wanted} FILE "
                          f"and --query-span START-END")
     if config.query_span is None:
         raise UsageError("--query-span START-END is needed with a query (seconds of the query file)")
-
-
-def _query_features(config: LocalizeConfig, localizer: Localizer, cache: FeatureCache,
-                    extract_config: ExtractConfig) -> np.ndarray:
-    start, end = config.query_span
-    if config.query_video:  # V2A: visual features of the query video, extracted into the same cache
-        qpath = Path(config.query_video)
-        qid = next(iter(assign_ids([qpath])))
-        if qid not in cache:
-            failure = cache.failures().get(qid, {}).get("error", f"{qpath}: no features")
-            raise UsageError(f"query {failure}")
-        visual = cache.get(qid).visual
-        if end > len(visual):
-            raise UsageError(f"--query-span {start}-{end}: {qpath} has {len(visual)} s")
-        return np.asarray(visual[start:end], dtype=np.float32)
-    # A2V: VGGish of the query file's audio (any media file with sound, audio-only included).
+    labeller.direction = direction
     try:
-        info = media.probe(config.query_audio, require_video=False)
-        wave, rate = media.decode_audio(info)
+        info = media.probe(given, require_video=direction == "v2a")
     except media.MediaError as exc:  # a bad input video fails alone (exit 1); a bad query fails the run (exit 2)
         raise UsageError(f"query {exc}") from None
+    start, end = config.query_span
     if end > info.seconds:
-        raise UsageError(f"--query-span {start}-{end}: {config.query_audio} has {info.seconds} s")
-    examples, _ = logmel.waveform_to_examples(wave, rate, info.seconds)
-    backbones = Backbones(extract_config, localizer.device, visual=False)
-    return backbones.audio(examples[start:end])
+        raise UsageError(f"--query-span {start}-{end}: {given} has {info.seconds} s")
+    return info

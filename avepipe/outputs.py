@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -25,8 +26,16 @@ if TYPE_CHECKING:
 
 Writer = Callable[[Sequence["VideoLabels"]], str]  # the records of some videos -> the text of one file
 
-CSV_FIELDS = ("video", "start", "end", "label", "event_probability", "class_probability",
+# probability: of the label itself; event_probability: P(an event in this second), >= 0.5 exactly for event labels
+# (avepipe.localization.SecondLabel; docs/localize.md "Probabilities"). Replaces the earlier "class_probability".
+CSV_FIELDS = ("video", "start", "end", "label", "probability", "event_probability",
               "top1", "top1_probability", "top2", "top2_probability", "top3", "top3_probability")
+
+
+def format_probability(value: float) -> str:
+    """A probability as shown to people (table, page): two decimals, truncated rather than rounded below 0.5, so an
+    event probability of 0.4999 (a background second) shows 0.49, never the 0.50 of an event."""
+    return f"{math.floor(value * 100) / 100:.2f}" if value < 0.5 else f"{value:.2f}"
 
 
 def rows(result: VideoLabels) -> list[dict[str, Any]]:
@@ -34,7 +43,7 @@ def rows(result: VideoLabels) -> list[dict[str, Any]]:
     out = []
     for s in result.seconds:
         row = {"video": result.video, "start": s.start, "end": s.end, "label": s.label,
-               "event_probability": s.event_probability, "class_probability": s.class_probability}
+               "probability": s.probability, "event_probability": s.event_probability}
         for k in range(3):
             top = s.top3[k] if k < len(s.top3) else {"label": "", "probability": ""}
             row[f"top{k + 1}"], row[f"top{k + 1}_probability"] = top["label"], top["probability"]
@@ -91,12 +100,21 @@ def write_results(results: Sequence[VideoLabels], fmt: str, out: str | os.PathLi
     return [_write_atomic(folder / f"{r.id}.{fmt}", write([r])) for r in results if r.error is None or fmt != "csv"]
 
 
-def output_paths(out: str | os.PathLike, ids: Sequence[str], suffix: str, single: bool = True) -> list[Path]:
-    """The files an ``--out`` / ``--plot`` target will hold for videos ``ids``: ``out`` itself, or ``<out>/<id>.
-    <suffix>`` each when it is a directory (or, ``single=False``, whenever there are several videos)."""
-    if wants_directory(out) or (not single and len(ids) > 1):
+def output_paths(out: str | os.PathLike, ids: Sequence[str], suffix: str) -> list[Path]:
+    """The files an ``--out`` / ``--plot`` / ``--html`` target will hold for videos ``ids``: ``out`` itself, or
+    ``<out>/<id>.<suffix>`` each when it is a directory (:func:`wants_directory`)."""
+    if wants_directory(out):
         return [Path(out) / f"{vid}.{suffix}" for vid in ids]
     return [Path(out)]
+
+
+def check_single_target(option: str, target: str | os.PathLike, videos: int) -> None:
+    """A one-picture / one-page target (``--plot FILE.png``, ``--html FILE.html``) takes one video: with several,
+    :class:`UsageError` naming the way out (``DIR/``), raised by the CLI before any work (so nothing is written)."""
+    if videos > 1 and not wants_directory(target):
+        suffix = Path(target).suffix or ".png"
+        raise UsageError(f"{option} {target}: names one file, but there are {videos} videos; give a directory "
+                         f"({option} {Path(target).with_suffix('')}/ writes <id>{suffix} for each video)")
 
 
 def check_outputs(targets: dict[str, Sequence[Path]], inputs: Sequence[str | os.PathLike | None]) -> None:

@@ -232,40 +232,58 @@ def render_train_summary(console: Console, result: dict[str, Any], out: Path) ->
 
 
 class LocalizeProgress(ExtractProgress):
-    """Extraction progress for localize; labelling itself is quick and shows no bar."""
+    """Extraction progress for localize; labelling itself is quick and shows no bar. Each failure is printed once, with
+    the labels (:func:`render_localize`), never by the progress display; each warning once, however often it is
+    emitted."""
+
+    def __init__(self, console: Console, errors: Console, label: str = "extract"):
+        super().__init__(console, errors, label)
+        self.warned: set[str] = set()
 
     def update(self, event: str, fields: dict[str, Any]) -> None:
-        if event == "video" and fields["status"] == "failed" and self.task is not None:
-            self.progress.advance(self.task)  # the failure is listed once, with the labels
+        if event == "video" and fields["status"] == "failed":
+            if self.task is not None:
+                self.progress.advance(self.task)
+        elif event == "warning":
+            if fields["message"] not in self.warned:
+                self.warned.add(fields["message"])
+                super().update(event, fields)
         elif event != "labelled":
             super().update(event, fields)
 
 
 def localize_table(result) -> Table:
-    """Per-second labels of one video as a rich table (what the terminal shows)."""
+    """Per-second labels of one video as a rich table (what the terminal shows): the label with its own probability
+    (``p(label)``), the event probability (``p(event)``, >= 0.50 exactly for event labels) and the top 3 classes,
+    separated by ``;`` (class names such as "Male speech, man speaking" contain commas)."""
+    from avepipe.outputs import format_probability
     title = f"{result.video}: {len(result.seconds)} s"
+    if result.model:
+        title += f" ({result.model})"
     if result.query:
         query = result.query
         title += f", {query['direction']} query {query['file']} {query['start']}-{query['end']} s"
-    table = Table(title=title)
-    for column in ("start", "end", "label", "event p", "class p", "top-3"):
-        table.add_column(column, justify="right" if column in ("start", "end", "event p", "class p") else "left")
+    table = Table(title=escape(title))
+    for column in ("start", "end", "label", "p(label)", "p(event)", "top-3"):
+        table.add_column(column, justify="right" if column in ("start", "end", "p(label)", "p(event)") else "left")
     for s in result.seconds:
-        top = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in s.top3)
-        table.add_row(str(s.start), str(s.end), s.label, f"{s.event_probability:.2f}", f"{s.class_probability:.2f}",
-                      top)
+        top = "; ".join(f"{escape(t['label'])} {t['probability']:.2f}" for t in s.top3)
+        table.add_row(str(s.start), str(s.end), escape(s.label), format_probability(s.probability),
+                      format_probability(s.event_probability), top)
     return table
 
 
 def render_localize(console: Console, errors: Console, results, show_seconds: bool = True) -> None:
+    """The labels of each video on ``console`` (a table, then its spans); each failed video's error once on
+    ``errors``."""
     for result in results:
         if result.error:
-            errors.print(f"[red]failed:[/] {result.error}", soft_wrap=True)
+            errors.print(f"[red]failed:[/] {escape(result.error)}", soft_wrap=True)
             continue
         if show_seconds:
             console.print(localize_table(result))
-        spans = "  ".join(f"[bold]{s['label']}[/] {s['start']}-{s['end']} s" for s in result.spans)
-        console.print(f"{result.video}: {spans}", soft_wrap=True)
+        spans = "  ".join(f"[bold]{escape(s['label'])}[/] {s['start']}-{s['end']} s" for s in result.spans)
+        console.print(f"{escape(result.video)}: {spans}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,6 +351,20 @@ def render_weights_outcomes(console: Console, errors: Console, outcomes: list) -
             errors.print(f"[bold yellow]WARNING:[/] {item.name}: {item.status} {escape(item.path)} ({message}); "
                          f"features "
                          "computed with it are NOT the published AVE features", soft_wrap=True)
+
+
+def render_dataset_outcomes(console: Console, errors: Console, outcomes: list) -> None:
+    """One line per item of ``avepipe dataset download-ave``: done on stdout, failures on stderr, and a file accepted
+    without a published checksum (trust on first use) as a loud warning on stderr."""
+    for item in outcomes:
+        message = escape(item.message)
+        if item.status == "failed":
+            errors.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        elif not item.official:
+            errors.print(f"[bold yellow]WARNING:[/] {item.name}: {item.status} {escape(item.path)}: {message}",
+                         soft_wrap=True)
+        else:
+            console.print(f"{item.name}: {item.status} {escape(item.path)} ({message})", soft_wrap=True)
 
 
 def _state_text(status) -> str:

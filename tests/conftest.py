@@ -92,3 +92,19 @@ def real_cache(tmp_path_factory, media_dir, vgg19_weights, vggish_file):
     result = run_cli("extract", *[media_dir / name for name in REAL_CACHE_VIDEOS], "--cache", cache, "--workers", "2",
                      "--vgg19-weights", vgg19_weights, "--vggish-weights", vggish_file, "--device", "cpu")
     return cache, result
+
+
+@pytest.fixture()
+def serve():
+    """``serve(files)`` starts a :class:`tests.helpers.FileServer` (name -> bytes); all are closed after the test."""
+    from tests.helpers import FileServer
+
+    servers = []
+
+    def start(files: dict[str, bytes]) -> FileServer:
+        servers.append(FileServer(files))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -1,6 +1,11 @@
+import fcntl
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import h5py
 import numpy as np
@@ -8,6 +13,7 @@ import pytest
 
 from avepipe.cache import FeatureCache, merge
 from avepipe.errors import CacheError, CacheLockedError, SpecMismatchError
+from tests.helpers import run_cli
 
 SPEC = {"spec_version": 1, "sampling": "ave", "audio": "vggish/fc2-relu"}
 
@@ -160,3 +166,188 @@ def test_not_a_cache(tmp_path):
         FeatureCache(bogus)
     with pytest.raises(CacheError, match="no such cache"):
         FeatureCache(tmp_path / "missing.h5")
+
+
+# -- shard caches: recorded by extract --shard K/N, checked by merge ---------------------------------------------------
+
+def shard_ids(n: int, per_shard: int = 2) -> dict[int, list[str]]:
+    """Video ids grouped by the shard they hash to (``avepipe.inputs.shard_of``), ``per_shard`` of each."""
+    from avepipe.inputs import shard_of
+
+    groups: dict[int, list[str]] = {k: [] for k in range(n)}
+    i = 0
+    while any(len(ids) < per_shard for ids in groups.values()):
+        vid = f"v{i}"
+        if len(groups[shard_of(vid, n)]) < per_shard:
+            groups[shard_of(vid, n)].append(vid)
+        i += 1
+    return groups
+
+
+def fill_shard(path, k: int, n: int, ids, spec=SPEC):
+    with FeatureCache(path, "a") as cache:
+        cache.ensure_spec(spec)
+        cache.ensure_shard((k, n))
+        for vid in ids:
+            cache.put(vid, *features(int(vid[1:])), {"seconds": 3})
+    return path
+
+
+def test_a_shard_cache_records_its_shard_and_refuses_other_runs(tmp_path):
+    groups = shard_ids(3)
+    path = fill_shard(tmp_path / "s1.h5", 1, 3, groups[1])
+    with h5py.File(path, "r") as f:
+        assert f.attrs["shard"] == "1/3"  # the documented root attribute
+    with FeatureCache(path, "a") as cache:  # compaction keeps it
+        cache.put("extra", *features(9), {"seconds": 3})
+    assert FeatureCache(path).shard == (1, 3)
+    with FeatureCache(path, "a") as cache:
+        cache.ensure_shard((1, 3))  # the same shard again (a resumed run): fine
+        with pytest.raises(CacheError, match=r"holds shard 1/3 .*not --shard 2/3; use another --cache"):
+            cache.ensure_shard((2, 3))
+        with pytest.raises(CacheError, match="not a run without --shard"):
+            cache.ensure_shard(None)
+    # A cache written before shards were recorded: recorded when its videos are all of that shard, else refused.
+    old = tmp_path / "old.h5"
+    fill(old, groups[2])
+    assert FeatureCache(old).shard is None
+    with FeatureCache(old, "a") as cache:
+        with pytest.raises(CacheError, match=rf"videos of other shards than 0/3 \(e.g. '{groups[2][0]}', shard 2/3\)"):
+            cache.ensure_shard((0, 3))
+        cache.ensure_shard((2, 3))
+    assert FeatureCache(old).shard == (2, 3) and FeatureCache(old).ids() == sorted(groups[2])
+
+
+def test_merge_takes_shard_caches_only_as_all_shards_of_one_run(tmp_path):
+    groups = shard_ids(3)
+    shards = [fill_shard(tmp_path / f"s{k}.h5", k, 3, groups[k]) for k in range(3)]
+    out = tmp_path / "m.h5"
+    assert merge(shards, out) == 6
+    assert FeatureCache(out).shard is None and FeatureCache(out).ids() == sorted(sum(groups.values(), []))
+
+    def refused(inputs, pattern, error=CacheError, **options):
+        with pytest.raises(error, match=pattern):
+            merge(inputs, tmp_path / "refused.h5", **options)
+        assert not (tmp_path / "refused.h5").exists()
+
+    refused([shards[0], shards[2]], r"^shard 1 of 3 missing: 2 of the 3 shard caches of that run given")
+    refused(shards[:1], r"^shards 1, 2 of 3 missing")
+    again = fill_shard(tmp_path / "s0-again.h5", 0, 3, groups[0][:1])
+    refused([*shards, again], r"s0-again.h5: shard 0/3 again \(.*s0.h5 is shard 0/3 too\)")
+    refused([*shards, shards[1]], r"s1.h5: given twice")
+    other_run = fill_shard(tmp_path / "n2.h5", 0, 2, [])
+    refused([*shards, other_run], r"n2.h5: shard 0/2 of another run than .*s0.h5 \(shard 0/3\)")
+    fps = fill_shard(tmp_path / "fps.h5", 1, 3, groups[1], spec={**SPEC, "sampling": "fps"})
+    refused([shards[0], fps, shards[2]], "feature spec differs", SpecMismatchError)
+    plain = tmp_path / "plain.h5"
+    fill(plain, ["w"])
+    refused([*shards, plain], r"plain.h5: not a shard cache, but .*s0.h5 is \(shard 0/3\).*--allow-unsharded")
+    assert merge([*shards, plain], out, overwrite=True, allow_unsharded=True) == 7
+    refused([shards[0], plain], "shards 1, 2 of 3 missing", allow_unsharded=True)  # still all shards of the run
+
+
+def test_merge_refuses_a_cache_being_written(tmp_path):
+    groups = shard_ids(2)
+    shards = [fill_shard(tmp_path / f"s{k}.h5", k, 2, groups[k]) for k in range(2)]
+    writer = FeatureCache(shards[1], "a")
+    try:
+        with pytest.raises(CacheLockedError, match=rf"s1.h5: another avepipe process \(pid {os.getpid()} on host "
+                                                   rf"{re.escape(socket.gethostname())} since .*\) is writing this "
+                                                   r"cache; merge once it has finished"):
+            merge(shards, tmp_path / "m.h5")
+    finally:
+        writer.close()
+    assert merge(shards, tmp_path / "m.h5") == 4
+
+
+def test_merge_command_names_the_missing_shards(tmp_path):
+    groups = shard_ids(4, per_shard=1)
+    shards = [fill_shard(tmp_path / f"features-{k}.h5", k, 4, groups[k]) for k in (0, 2)]
+    run = run_cli("cache", "merge", *shards, "--out", tmp_path / "m.h5")
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "shards 1, 3 of 4 missing" in lines[0] and "features-0.h5" in lines[0]
+    assert not (tmp_path / "m.h5").exists()
+
+
+# -- the writer lock: who holds it, and when it is stale -----------------------------------------------------------
+
+@contextmanager
+def held_lock(cache_path, record):
+    """Another writer's lock: ``record`` in ``F.h5.lock``, flock held through a separate open file (as a process on
+    another node, or a dead process's lock that an NFS server keeps, would hold it)."""
+    lock = cache_path.with_name(cache_path.name + ".lock")
+    with open(lock, "w") as handle:
+        handle.write(record if isinstance(record, str) else json.dumps(record))
+        handle.flush()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield lock
+
+
+def locked_error(path) -> str:
+    with pytest.raises(CacheLockedError) as caught:
+        FeatureCache(path, "a")
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_lock_file_names_its_holder(tmp_path):
+    path = tmp_path / "f.h5"
+    with FeatureCache(path, "a"):
+        record = json.loads((tmp_path / "f.h5.lock").read_text())
+        assert record["host"] == socket.gethostname() and record["pid"] == os.getpid()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["started_at"])
+        message = locked_error(path)
+        assert f"another avepipe process (pid {os.getpid()} on host {socket.gethostname()} since" in message
+        assert "wait for it or use another --cache" in message
+        assert "stale" not in message and "NFS" not in message  # a live holder on this host: nothing else to say
+
+
+def test_a_lock_held_from_another_host_says_what_to_do_if_that_node_is_gone(tmp_path):
+    path = tmp_path / "f.h5"
+    record = {"host": "gpu-node-7", "pid": 4242, "started_at": "2025-01-02T03:04:05Z"}
+    with held_lock(path, record) as lock:
+        message = locked_error(path)
+    assert "another avepipe process (pid 4242 on host gpu-node-7 since 2025-01-02T03:04:05Z)" in message
+    assert f"if gpu-node-7 is down, its lock can outlive it on NFS: remove {lock} once you are sure" in message
+    FeatureCache(path, "a").close()  # released: a writer gets it
+
+
+def test_a_lock_whose_holder_is_not_running_on_this_host_is_stale(tmp_path):
+    path = tmp_path / "f.h5"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = {"host": socket.gethostname(), "started_at": "2025-01-02T03:04:05Z"}
+    with held_lock(path, {**here, "pid": dead.pid}) as lock:
+        message = locked_error(path)
+    assert f"locked by pid {dead.pid} on host {socket.gethostname()} since 2025-01-02T03:04:05Z (this host), " \
+           "which is not running: a stale lock" in message
+    assert f"remove {lock} and run again" in message
+    # A live pid that is not the holder any more (the pid was reused: another start time) is not the holder either.
+    from avepipe.cache import _process_start
+
+    start = _process_start(os.getpid())
+    if start is not None:  # Linux
+        with held_lock(path, {**here, "pid": os.getpid(), "process_start": start + 1}):
+            assert "which is not running" in locked_error(path)
+        with held_lock(path, {**here, "pid": os.getpid(), "process_start": start}):
+            assert "which is not running" not in locked_error(path)
+
+
+def test_a_lock_file_of_an_older_version_or_without_a_record(tmp_path):
+    path = tmp_path / "f.h5"
+    with held_lock(path, "4242"):  # earlier versions wrote the pid alone
+        assert "another avepipe process (pid 4242) is writing this cache" in locked_error(path)
+    with held_lock(path, ""):
+        assert "another avepipe process (a process that left no record in the lock file)" in locked_error(path)
+
+
+def test_removing_a_stale_lock_file_frees_the_cache(tmp_path):
+    # What the stale-lock message tells the user to do: the next writer locks a new lock file.
+    path = tmp_path / "f.h5"
+    with held_lock(path, {"host": "gone-node", "pid": 1}) as lock:
+        lock.unlink()
+        with FeatureCache(path, "a") as cache:
+            cache.ensure_spec(SPEC)
+            assert json.loads(lock.read_text())["pid"] == os.getpid()

@@ -63,8 +63,11 @@ def test_three_shard_processes_merge_to_the_single_process_cache(real_cache, med
         assert [k for k in range(3) if vid in per_shard[k]] == [documented_shard(vid, 3)], (vid, per_shard)
     assert sorted(sum(per_shard, [])) == ids
     # (With these ids shard 2 is empty: merging an empty shard cache is covered too.)
+    assert [FeatureCache(path).shard for path in shards] == [(0, 3), (1, 3), (2, 3)]  # what merge checks
 
     merged = tmp_path / "merged.h5"
+    partial = run_cli("cache", "merge", shards[0], shards[2], "--out", merged)  # a shard cache missing: refused
+    assert partial.returncode == 2 and "shard 1 of 3 missing" in partial.stderr and not merged.exists()
     joined = run_cli("cache", "merge", *shards, "--out", merged)
     assert joined.returncode == 0, joined.stderr
     assert "5 videos" in joined.stdout
@@ -170,4 +173,7 @@ def test_slurm_array_runs_task_id_of_array_size():
     assert shard_args == [("${SLURM_ARRAY_TASK_ID}", str(last + 1))], shard_args
     cache_arg = re.search(r"--cache\s+(\S+)", text).group(1).strip('"')
     assert "${SLURM_ARRAY_TASK_ID}" in cache_arg
-    assert "cache merge" in text and "--dependency=afterok:" in text
+    # submit.sh submits the array, then merge.sh once every task has succeeded (tests/test_deploy.py runs them).
+    submit = (ROOT / "docs/slurm/submit.sh").read_text()
+    assert "extract-array.sh" in submit and "--dependency=" in submit and "afterok:" in submit
+    assert "cache merge" in (ROOT / "docs/slurm/merge.sh").read_text()

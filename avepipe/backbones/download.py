@@ -4,6 +4,11 @@ Either way a file reaches its final name only through an atomic rename after its
 ``import --force``, after it was recorded as unofficial), so a file under the manifest's name is never a half copy.
 Downloads stream into ``<file>.part``; a later run resumes it with an HTTP Range request (206) or starts over when the
 server ignores the range (200). Standard library only (urllib).
+
+The machinery is generic (any manifest of ``{file, url, checksum, size}`` entries): :mod:`avepipe.data.release` uses
+:func:`download_entry` for the AVE dataset files, with ``max_size`` (a cap for files of unknown exact size), ``check``
+(a content check, e.g. "is HDF5", run before the checksum) and ``trust_first_use`` (entries without a published
+checksum: accepted, and the sha256 got is returned in :attr:`Outcome.sha256` for the caller to record).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ class Outcome:
     path: str
     status: str  # downloaded | present | imported | failed
     message: str = ""
-    official: bool = True
+    official: bool = True  # False: unofficial weights, or a file accepted without a published checksum
+    sha256: str = ""  # of the file in place, when this call computed it (downloaded or verified)
 
 
 class _Retryable(Exception):
@@ -74,10 +80,10 @@ def mirror_base(mirror: Optional[str]) -> Optional[str]:
     raise UsageError(f"--mirror {mirror}: neither a URL (http://, https://, file://) nor an existing folder")
 
 
-def source_url(entry: dict[str, Any], mirror: Optional[str] = None) -> str:
-    """The manifest URL, or ``<mirror>/<file>`` when a mirror is given (argument, else ``$AVEPIPE_WEIGHTS_MIRROR``): a
-    base URL or a local folder."""
-    base = mirror_base(mirror if mirror is not None else os.environ.get(MIRROR_ENV))
+def source_url(entry: dict[str, Any], mirror: Optional[str] = None, env: str = MIRROR_ENV) -> str:
+    """The manifest URL, or ``<mirror>/<file>`` when a mirror is given (argument, else the variable ``env``,
+    ``$AVEPIPE_WEIGHTS_MIRROR`` by default): a base URL or a local folder."""
+    base = mirror_base(mirror if mirror is not None else os.environ.get(env))
     if base:
         return base.rstrip("/") + "/" + quote(entry["file"])
     return entry["url"]
@@ -102,19 +108,34 @@ def download(names: list[str], directory: Optional[Path] = None, *, mirror: Opti
                            retries=retries, timeout=timeout, backoff=backoff) for name in names]
 
 
+def has_checksum(entry: dict[str, Any]) -> bool:
+    return any(key in entry for key in ("sha256", "md5", "sha256_prefix"))
+
+
 def download_entry(name: str, entry: dict[str, Any], directory: Path, *, url: Optional[str] = None,
                    mirror: Optional[str] = None, progress: Optional[Progress] = None, force: bool = False,
-                   retries: int = 3, timeout: float = 30.0, backoff: float = 1.0) -> Outcome:
-    """Download one entry (``file``, ``url``, a checksum: ``sha256`` / ``md5`` / ``sha256_prefix``, optional
-    ``size``)."""
+                   retries: int = 3, timeout: float = 30.0, backoff: float = 1.0,
+                   check: Optional[Callable[[Path], Optional[str]]] = None, trust_first_use: bool = False) -> Outcome:
+    """Download one entry (``file``, ``url``, a checksum: ``sha256`` / ``md5`` / ``sha256_prefix``, optional ``size``
+    (exact) or ``max_size`` (a cap)).
+
+    ``check(part)`` returns a problem (e.g. "not an HDF5 file") or None; a problem deletes the download. An entry
+    without a checksum is refused unless ``trust_first_use``: then whatever arrives (and passes ``check``) is accepted,
+    ``official=False``, and its sha256 is in the outcome."""
     report = progress or _no_progress
     directory = Path(directory)
+    verified = has_checksum(entry)
+    if not verified and not trust_first_use:
+        raise WeightsError(f"{entry['file']}: the manifest gives no checksum to verify it against")
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / entry["file"]
     if final.exists():
         md5, sha = file_digests(final)
+        if not verified:
+            return Outcome(name, str(final), "present", "already present, NOT verified (no published checksum)",
+                           official=False, sha256=sha)
         if matches(entry, md5, sha):
-            return Outcome(name, str(final), "present", "already present and verified")
+            return Outcome(name, str(final), "present", "already present and verified", sha256=sha)
         if not force:
             return Outcome(name, str(final), "failed",
                            f"{final} exists but is not the official file ({actual_checksum(entry, md5, sha)}); "
@@ -122,10 +143,18 @@ def download_entry(name: str, entry: dict[str, Any], directory: Path, *, url: Op
     url = url or source_url(entry, mirror)
     part = part_path(final)
     try:
-        _fetch(name, url, part, entry.get("size"), report, retries, timeout, backoff)
+        _fetch(name, url, part, entry.get("size"), report, retries, timeout, backoff, entry.get("max_size"))
     except DownloadError as exc:
         return Outcome(name, str(final), "failed", str(exc))
+    problem = check(part) if check is not None else None
+    if problem:
+        part.unlink()
+        return Outcome(name, str(final), "failed", f"{entry['file']}: {problem} (from {url}); the download was deleted")
     md5, sha = file_digests(part)
+    if not verified:
+        os.replace(part, final)
+        return Outcome(name, str(final), "downloaded", f"sha256 {sha}, NOT verified: no published checksum",
+                       official=False, sha256=sha)
     if not matches(entry, md5, sha):
         part.unlink()  # resuming from wrong bytes could never succeed
         return Outcome(name, str(final), "failed",
@@ -133,22 +162,23 @@ def download_entry(name: str, entry: dict[str, Any], directory: Path, *, url: Op
                        f"{actual_checksum(entry, md5, sha)} (from {url}); the download was deleted")
     os.replace(part, final)
     forget_unofficial(directory, name)
-    return Outcome(name, str(final), "downloaded", f"verified {expected_checksum(entry)}")
+    return Outcome(name, str(final), "downloaded", f"verified {expected_checksum(entry)}", sha256=sha)
 
 
 def _fetch(name: str, url: str, part: Path, size: Optional[int], report: Progress, retries: int, timeout: float,
-           backoff: float) -> None:
+           backoff: float, max_size: Optional[int] = None) -> None:
     """Fill ``part`` with the whole file, resuming after dropped connections up to ``retries`` times."""
     failures = 0
+    cap = size if size is not None else max_size
     while True:
         have = part.stat().st_size if part.exists() else 0
-        if size is not None and have > size:
+        if cap is not None and have > cap:
             part.unlink()
             have = 0
         if size is not None and have == size:
             return  # complete from an earlier run that stopped before verifying; verification decides
         try:
-            _fetch_once(name, url, part, have, size, report, timeout)
+            _fetch_once(name, url, part, have, size, report, timeout, max_size)
             return
         except _Retryable as exc:
             failures += 1
@@ -162,7 +192,7 @@ def _fetch(name: str, url: str, part: Path, size: Optional[int], report: Progres
 
 
 def _fetch_once(name: str, url: str, part: Path, have: int, size: Optional[int], report: Progress,
-                timeout: float) -> None:
+                timeout: float, max_size: Optional[int] = None) -> None:
     headers = {"User-Agent": f"avepipe/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -200,11 +230,12 @@ def _fetch_once(name: str, url: str, part: Path, have: int, size: Optional[int],
         length = response.headers.get("Content-Length")
         length = int(length) if length is not None and length.isdigit() else None
         total = start + length if length is not None else size
-        limit = size if size is not None else UNSIZED_LIMIT
+        limit = size if size is not None else max_size if max_size is not None else UNSIZED_LIMIT
+        capped = size is not None or max_size is not None
         if total is not None and total > limit:
             part.unlink(missing_ok=True)
             raise DownloadError(f"{part.name.removesuffix('.part')}: {url} announces {total} bytes, more than the "
-                                f"{limit} {'the manifest gives' if size is not None else 'allowed'}; not downloaded")
+                                f"{limit} {'the manifest gives' if capped else 'allowed'}; not downloaded")
         report("start", {"name": name, "url": url, "total": total, "resumed": start})
         written = 0
         with open(part, mode) as out:
@@ -219,7 +250,7 @@ def _fetch_once(name: str, url: str, part: Path, have: int, size: Optional[int],
                 out.close()
                 part.unlink(missing_ok=True)
                 raise DownloadError(f"{part.name.removesuffix('.part')}: {url} sent more than the {limit} bytes "
-                                    f"{'the manifest gives' if size is not None else 'allowed'}; aborted and deleted"
+                                    f"{'the manifest gives' if capped else 'allowed'}; aborted and deleted"
                                     ) from None
             except (OSError, http.client.HTTPException) as exc:
                 raise _Retryable(f"connection dropped after {start + written} bytes ({type(exc).__name__})") from None

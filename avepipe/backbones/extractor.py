@@ -4,6 +4,11 @@ The feature spec recorded in a cache (:meth:`Backbones.spec`) names the sampling
 a cache refuses a run whose spec differs. :meth:`Backbones.visual_async` is the GPU path of ``extract``: uint8 frames
 from a pinned host buffer go to the device without blocking, and the per-second features come back into pinned host
 memory without a synchronising ``.cpu()``; the caller waits on the returned handle only when it needs the numbers.
+
+Before anything is loaded, :func:`check_weight_files` looks for every file the run needs (VGG-19, VGGish, the PCA
+parameters) and raises one :class:`~avepipe.errors.WeightsError` naming all the missing ones, so a user fixes them in
+one go. Callers that may have nothing to extract (``extract`` and ``localize`` on cached videos) construct
+:class:`Backbones` only once they know there is work.
 """
 
 from __future__ import annotations
@@ -52,13 +57,47 @@ class VisualResult:
         return self.features.numpy()
 
 
+def weight_files(config: BackboneConfig, visual: bool = True) -> dict[str, Path]:
+    """The files a run with ``config`` reads: ``{option: path}`` for VGG-19 (``visual``), VGGish and the PCA parameters
+    (``config.pca``); ``random`` weights need no file."""
+    files = {}
+    if visual and config.vgg19_weights != weights_mod.RANDOM:
+        files["--vgg19-weights"] = Path(config.vgg19_weights or weights_mod.default_path("vgg19"))
+    if config.vggish_weights != weights_mod.RANDOM:
+        files["--vggish-weights"] = Path(config.vggish_weights or weights_mod.default_path("vggish"))
+    if config.pca:
+        files["--pca-params"] = Path(config.pca_params or weights_mod.default_path("vggish_pca"))
+    return files
+
+
+_WHAT = {"--vgg19-weights": "VGG-19 weights", "--vggish-weights": "VGGish weights",
+         "--pca-params": "VGGish PCA parameters"}
+
+
+def check_weight_files(config: BackboneConfig, visual: bool = True) -> None:
+    """Raise one :class:`~avepipe.errors.WeightsError` naming every weights file of ``config`` that is missing (one
+    line: ``<file>: VGG-19 weights not found; <file>: VGGish weights not found (what to do)``)."""
+    missing = {option: path for option, path in weight_files(config, visual).items() if not path.is_file()}
+    if not missing:
+        return
+    found = "; ".join(f"{path}: {_WHAT[option]} not found" for option, path in missing.items())
+    options = " / ".join(f"{option} FILE" for option in missing)
+    hint = f"run `avepipe weights download` or pass {options}"
+    if "--vggish-weights" in missing:
+        hint += ("; --vggish-weights random tries the pipeline with audio features that are NOT the published "
+                 "ones")
+    raise WeightsError(f"{found} ({hint})")
+
+
 class Backbones:
-    """VGG-19 and VGGish on one device, with the weights' identities."""
+    """VGG-19 and VGGish on one device, with the weights' identities. Constructing one loads them (seconds): do it
+    only when there is something to extract."""
 
     def __init__(self, config: BackboneConfig, device: torch.device, visual: bool = True):
         self.device = device
         self.config = config
         self.autocast = resolve_precision(config.precision, device)
+        check_weight_files(config, visual)  # every missing file in one message, before seconds of loading
         self.vggish, self.vggish_info, self.pca_info = self._load_vggish(config, device)
         self.vggish.eval()
         if not visual:  # audio only (a CML audio query): VGG-19 is not loaded at all
@@ -70,9 +109,6 @@ class Backbones:
             self.vgg19_info = weights_mod.identify_tensors("vgg19", weights_mod.RANDOM, self.vgg19.state_dict())
         else:
             vgg_path = Path(config.vgg19_weights) if config.vgg19_weights else weights_mod.default_path("vgg19")
-            if not vgg_path.is_file():
-                raise WeightsError(f"{vgg_path}: VGG-19 weights not found "
-                                   f"(run `avepipe weights download` or pass --vgg19-weights)")
             self.vgg19_info = weights_mod.identify("vgg19", vgg_path)
             try:
                 self.vgg19 = load_vgg19(vgg_path, map_location=device)
@@ -88,8 +124,6 @@ class Backbones:
         pca_info = None
         if config.pca:
             pca_path = Path(config.pca_params) if config.pca_params else weights_mod.default_path("vggish_pca")
-            if not pca_path.is_file():
-                raise WeightsError(f"{pca_path}: VGGish PCA parameters not found (pass --pca-params)")
             pca_info = weights_mod.identify("vggish_pca", pca_path)
             pca = pca_path
         choice = config.vggish_weights
@@ -100,11 +134,6 @@ class Backbones:
             model.load_state_dict(state, strict=False)
         else:
             path = Path(choice) if choice else weights_mod.default_path("vggish")
-            if not path.is_file():
-                raise WeightsError(
-                    f"{path}: VGGish weights not found (run `avepipe weights download`, pass --vggish-weights FILE, "
-                    f"or --vggish-weights random to try the pipeline with features that are NOT the published ones)"
-                )
             info = weights_mod.identify("vggish", path)
             try:
                 model = vggish_mod.load_vggish(path, pca)

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from avepipe import locations
 from avepipe.errors import WeightsError
 
 RANDOM = "random"  # --vggish-weights random: deterministic random weights, for trying the pipeline only
@@ -25,8 +26,8 @@ def manifest() -> dict[str, dict[str, Any]]:
 
 
 def weights_dir() -> Path:
-    """``$AVEPIPE_WEIGHTS_DIR``, else ``./weights``."""
-    return Path(os.environ.get("AVEPIPE_WEIGHTS_DIR") or "weights")
+    """``$AVEPIPE_WEIGHTS_DIR``, else ``<user cache>/weights`` (see :mod:`avepipe.locations`)."""
+    return locations.weights_dir()
 
 
 def default_path(key: str) -> Path:

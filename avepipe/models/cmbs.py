@@ -348,3 +348,8 @@ class CMBS(nn.Module):
             event = outputs["event_logits"] > 0  # sigmoid > 0.5
             return torch.where(event, category, torch.full_like(category, BACKGROUND))
         return outputs["segment_logits"].argmax(-1)
+
+    def event_logits(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor | None:
+        """Supervised: the event score [B, T] of predict's event/background decision (background when it is <= 0);
+        weak: None (predict is the argmax of the 29 segment scores)."""
+        return outputs["event_logits"] if task == "supervised" else None

@@ -180,6 +180,10 @@ class DAM(nn.Module):
         event = outputs["log_relevance"] >= outputs["log_background"]  # p_t >= 0.5
         return torch.where(event, category, torch.full_like(category, BACKGROUND))
 
+    def event_logits(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """logit(p_t) [B, T]: predict's event/background decision (background exactly when it is < 0)."""
+        return outputs["log_relevance"] - outputs["log_background"]
+
     # ---- cross-modality localization (Sec. 3.3) ---------------------------------------------------------------------
 
     def forward_cml(

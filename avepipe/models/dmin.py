@@ -261,6 +261,17 @@ class DMIN(nn.Module):
         category = outputs["category_logits"].argmax(-1, keepdim=True)  # [B, 1]
         return torch.where(outputs["relevance_logits"] >= 0, category, torch.full_like(category, BACKGROUND))
 
+    def event_logits(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """The logit of predict's event/background decision [B, T] (background exactly when it is < 0): logit(s_t);
+        with the released weak head (29 categories) an event also needs its best event category to beat the
+        background category, so the smaller of the two margins."""
+        relevance = outputs["relevance_logits"]
+        category = outputs["category_logits"]
+        if category.shape[-1] <= BACKGROUND:
+            return relevance
+        margin = category[..., :BACKGROUND].max(-1).values - category[..., BACKGROUND]  # [B]
+        return torch.minimum(relevance, margin[:, None])
+
 
 @register(
     "dcmr",

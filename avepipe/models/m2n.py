@@ -268,6 +268,10 @@ class M2N(nn.Module):
         event = outputs["relevance_logits"] >= 0  # p^r >= 0.5
         return torch.where(event, category, torch.full_like(category, BACKGROUND))
 
+    def event_logits(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """logit(p^r) [B, T]: predict's event/background decision (background exactly when it is < 0)."""
+        return outputs["relevance_logits"]
+
     # ---- cross-modality localization (Sec. 3.5) ---------------------------------------------------------------------
 
     def forward_cml(

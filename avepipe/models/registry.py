@@ -16,7 +16,13 @@ The contract every model follows (the training loop, evaluate and localize rely 
 * ``loss(outputs, batch, task) -> scalar tensor`` where ``batch`` holds ``labels`` long [B, T] (0..28), ``event`` float
   [B, T], ``video_label`` long [B] (category, 28 for background-only videos), ``mask`` bool [B, T] and, for cml,
   ``query_mask`` / ``target_mask`` bool [B, T].
-* ``predict(outputs, task)`` -> long [B, T] segment labels (supervised / weak).
+* ``predict(outputs, task)`` -> long [B, T] segment labels (supervised / weak), the argmax of ``segment_logits``
+  up to exact ties (models with a decision rule of their own shape ``segment_logits`` so that its argmax is the rule).
+* ``event_logits(outputs, task)`` (optional) -> float [B, T] or None: for a model that decides event vs background
+  before the category, the logit of that decision (``predict`` gives background exactly when it is < 0); localize
+  reports its sigmoid as the event probability. Absent (or None): ``predict`` is the argmax of the 29 scores, and the
+  event probability is the sigmoid of the best event class's score minus background's
+  (:func:`avepipe.localization.second_probabilities`).
 
 tests/models/test_contract.py checks the mask and gradient parts of this contract on every registered model.
 

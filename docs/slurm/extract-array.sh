@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# avepipe extract as a SLURM job array: 16 shards, then a merge job that starts when all of them succeeded
-# (docs/scale-out.md).
+# One shard of avepipe extract as a SLURM job array: 16 shards, one GPU each (docs/scale-out.md). Submit it with
+# submit.sh, which also submits the merge job that starts once every shard has succeeded:
 #
-#   bash docs/slurm/extract-array.sh                       # submits the array and the dependent merge job
-#   sbatch --array=3,7 docs/slurm/extract-array.sh         # re-runs shards 3 and 7 only (they resume from their caches)
+#   bash docs/slurm/submit.sh                     # the array and the dependent merge job
+#   bash docs/slurm/submit.sh rerun-failed ID     # re-runs the failed tasks of array job ID, then merges again
 #
-# Task K (0..15, $SLURM_ARRAY_TASK_ID) runs `avepipe extract --shard K/16` into its own cache $SHARDS_DIR/features-K.h5.
-# Changing the number of shards: --array=0-(N-1) and the N of --shard K/N must stay equal.
-# Settings (environment, read when submitting and by every task): VIDEOS, SHARDS_DIR, OUT, and AVEPIPE, the command
-# that runs avepipe (default "avepipe" from PATH; e.g. "apptainer run --nv avepipe.sif" for the Docker image).
+# Task K (0..15, $SLURM_ARRAY_TASK_ID) runs `avepipe extract --shard K/16 --device cuda` into its own cache
+# $SHARDS_DIR/features-K.h5. Changing the number of shards: --array=0-(N-1) and the N of --shard K/N must stay equal.
+# Settings (environment, read when submitting and by every task): VIDEOS, SHARDS_DIR, and AVEPIPE, the command that
+# runs avepipe (default "avepipe" from PATH; e.g. "apptainer run --nv avepipe.sif" for the container image).
 #
 #SBATCH --job-name=avepipe-extract
 #SBATCH --array=0-15
@@ -19,28 +19,21 @@
 #SBATCH --output=avepipe-extract-%A_%a.log
 set -uo pipefail
 
+if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+    echo "$0: a SLURM array task; submit it with: bash docs/slurm/submit.sh" >&2
+    exit 2
+fi
 VIDEOS=${VIDEOS:-/data/videos}
 SHARDS_DIR=${SHARDS_DIR:-/data/shards}
-OUT=${OUT:-/data/features.h5}
 read -r -a avepipe <<< "${AVEPIPE:-avepipe}"
 
-if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
-    # Submitting (from a login node): the array, then the merge once every task has ended successfully.
-    export VIDEOS SHARDS_DIR OUT
-    array_id=$(sbatch --parsable --export=ALL "$0") || exit
-    merge="${AVEPIPE:-avepipe} cache merge ${SHARDS_DIR}/features-*.h5 --out ${OUT} --overwrite"
-    merge_id=$(sbatch --parsable --export=ALL --dependency=afterok:"${array_id}" --job-name=avepipe-merge \
-        --cpus-per-task=1 --mem=4G --time=01:00:00 --output=avepipe-merge-%j.log --wrap="${merge}") || exit
-    echo "submitted array job ${array_id} (16 shards) and merge job ${merge_id} (into ${OUT})"
-    exit 0
-fi
-
-# One task: one shard, on the GPU SLURM gave it; decoders on the other allocated cores.
+# One task: one shard, on the GPU SLURM gave it (--device cuda: no GPU is an error, never a silent CPU run);
+# decoders on the other allocated cores.
 "${avepipe[@]}" extract "${VIDEOS}" --cache "${SHARDS_DIR}/features-${SLURM_ARRAY_TASK_ID}.h5" \
-    --shard "${SLURM_ARRAY_TASK_ID}/16" --workers "$(( ${SLURM_CPUS_PER_TASK:-8} - 1 ))"
+    --shard "${SLURM_ARRAY_TASK_ID}/16" --device cuda --workers "$(( ${SLURM_CPUS_PER_TASK:-8} - 1 ))"
 status=$?
 # 1 = some videos are bad input: listed above and recorded under /failed in the shard cache; a retry cannot fix them,
-# so the shard counts as done (the merge still runs). Other codes (2: usage error, 3: bug, 130: interrupted) fail it.
+# so the shard counts as done (the merge still runs). Other codes (2: usage error, 3: bug, 143: terminated) fail it.
 if [[ ${status} -eq 1 ]]; then
     exit 0
 fi

@@ -1,20 +1,17 @@
 """`avepipe weights` download / import / verify / list against a local HTTP server serving the real weight files.
 
-The server (127.0.0.1, a free port) supports Range requests and can misbehave on purpose: cut the connection half way,
-ignore Range headers, send wrong bytes. The official checksums are the manifest's; the real files come from
-``$AVEPIPE_WEIGHTS_DIR``. Generic logic (prefix checksums, 416, file:// mirrors) uses small self-made files.
+The server (the ``serve`` fixture: tests.helpers.FileServer on 127.0.0.1, a free port) supports Range requests and
+can misbehave on purpose: cut the connection half way, ignore Range headers, send wrong bytes. The official
+checksums are the manifest's; the real files come from ``$AVEPIPE_WEIGHTS_DIR``. Generic logic (prefix checksums,
+416, file:// mirrors) uses small self-made files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-import threading
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
 
@@ -24,97 +21,6 @@ from tests.helpers import run_cli
 
 VGG19 = manifest()["vgg19"]
 PCA = manifest()["vggish_pca"]
-
-
-class WeightsServer:
-    """Serves ``files`` (name -> bytes) with Range support; ``cuts[name]`` responses are cut half way, ``corrupt``
-    names get one byte changed, ``ignore_range`` answers every request with the whole file (200)."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files = dict(files)
-        self.cuts: dict[str, int] = {}
-        self.corrupt: set[str] = set()
-        self.ignore_range = False
-        self.endless: set[str] = set()  # names answered with a body that never ends (no Content-Length)
-        self.log: list[tuple[str, str | None, int]] = []  # (file, Range header, status)
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # keep pytest output clean
-                pass
-
-            def do_GET(self) -> None:
-                owner.handle(self)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def handle(self, request: BaseHTTPRequestHandler) -> None:
-        name = unquote(request.path.lstrip("/"))
-        asked = request.headers.get("Range")
-        data = self.files.get(name)
-        if data is None:
-            self.log.append((name, asked, 404))
-            request.send_error(404)
-            return
-        if name in self.corrupt:
-            data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
-        if name in self.endless:
-            self.log.append((name, asked, 200))
-            request.send_response(200)
-            request.end_headers()
-            try:
-                while True:  # until the client hangs up
-                    request.wfile.write(data)
-            except OSError:
-                return
-        start, status = 0, 200
-        if asked and not self.ignore_range:
-            start = int(re.fullmatch(r"bytes=(\d+)-", asked).group(1))
-            if start >= len(data):
-                self.log.append((name, asked, 416))
-                request.send_response(416)
-                request.send_header("Content-Range", f"bytes */{len(data)}")
-                request.send_header("Content-Length", "0")
-                request.end_headers()
-                return
-            status = 206
-        body = memoryview(data)[start:]
-        self.log.append((name, asked, status))
-        request.send_response(status)
-        if status == 206:
-            request.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        if self.cuts.get(name, 0) > 0:  # announce the whole body, send half, hang up
-            self.cuts[name] -= 1
-            request.wfile.write(body[: len(body) // 2])
-            request.close_connection = True
-            return
-        request.wfile.write(body)
-
-    def requests_for(self, name: str) -> list[tuple[str | None, int]]:
-        return [(asked, status) for file, asked, status in self.log if file == name]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture()
-def serve():
-    servers = []
-
-    def start(files: dict[str, bytes]) -> WeightsServer:
-        servers.append(WeightsServer(files))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 @pytest.fixture(autouse=True)
