@@ -825,7 +825,8 @@ def dataset_init(
         shown = ", ".join(longer[:5]) + (", ..." if len(longer) > 5 else "")
         errors.print(f"[yellow]note:[/] {len(longer)} videos are longer than 10 s ({escape(shown)}): train and "
                      "evaluate use their first 10 s", soft_wrap=True)
-    console.print(f"next: avepipe extract {escape(str(videos))} --cache {escape(str(folder / 'features.h5'))}")
+    console.print(f"next: avepipe extract --list {escape(str(folder / 'videos.txt'))} "
+                  f"--cache {escape(str(folder / 'features.h5'))}")
     console.print(f"then: avepipe train --model avel --dataset {escape(str(folder))} --out runs/mine")
 
 

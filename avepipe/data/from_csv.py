@@ -8,7 +8,8 @@ may describe one video (several events), as in AVE.
 
 Output, in the AVE formats the data loaders read (:mod:`avepipe.data.ave`): ``Annotations.txt`` (header +
 ``Category&VideoID&good&Start&End`` rows, in CSV order), ``trainSet.txt`` / ``valSet.txt`` / ``testSet.txt`` (the same
-rows, split) and ``categories.txt`` (labels in order of first appearance). Files are written atomically.
+rows, split), ``categories.txt`` (labels in order of first appearance) and ``videos.txt`` (the CSV's video files, one
+absolute path per line, for ``avepipe extract --list``). Files are written atomically.
 
 Rules (each violation is one :class:`~avepipe.errors.DataError` naming the CSV line):
 
@@ -41,7 +42,7 @@ COLUMNS = ("video", "label", "start", "end", "split")
 HEADER = "Category&VideoID&Quality&StartTime&EndTime"
 QUALITY = "good"
 SPLIT_BOUNDS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
-OUTPUTS = ("Annotations.txt", "trainSet.txt", "valSet.txt", "testSet.txt", "categories.txt")
+OUTPUTS = ("Annotations.txt", "trainSet.txt", "valSet.txt", "testSet.txt", "categories.txt", "videos.txt")
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,9 @@ def init_dataset(csv_path: str | os.PathLike, videos: str | os.PathLike, out: st
     lines = {r: f"{r.label}&{r.video_id}&{QUALITY}&{r.start}&{r.end}\n" for r in rows}
     texts = {"Annotations.txt": HEADER + "\n" + "".join(lines[r] for r in rows),
              **{f"{s}Set.txt": "".join(lines[r] for r in split_rows[s]) for s in SPLITS},
-             "categories.txt": "".join(f"{label}\n" for label in labels)}
+             "categories.txt": "".join(f"{label}\n" for label in labels),
+             # The CSV's videos, one absolute path per line: `avepipe extract --list videos.txt` extracts just these.
+             "videos.txt": "".join(f"{path.resolve()}\n" for path in dict.fromkeys(r.path for r in rows))}
     out.mkdir(parents=True, exist_ok=True)
     written = [_write_atomic(out / name, text) for name, text in texts.items()]
     return InitSummary(out, len(rows), len(split_of), labels, {s: len(split_rows[s]) for s in SPLITS},

@@ -48,8 +48,9 @@ def _fix(folder: Path, missing: list[Path]) -> str:
     if names == {FEATURES} and all((folder / name).is_file() for name in RELEASED_FEATURES):
         return f"run `{download}` (it builds {FEATURES} from the released features beside it)"
     if names == {FEATURES}:
-        return (f"run `avepipe extract VIDEOS --cache {folder / FEATURES}` for your videos, or `{download}` for the "
+        videos = f"--list {folder / 'videos.txt'}" if (folder / "videos.txt").is_file() else "VIDEOS"
+        return (f"run `avepipe extract {videos} --cache {folder / FEATURES}` for your videos, or `{download}` for the "
                 "AVE release")
     return (f"run `{download}` for the AVE release, or `avepipe dataset init --csv FILE --videos VIDEOS --out "
-            f"{folder}` then `avepipe extract VIDEOS --cache {folder / FEATURES}` for your own videos "
-            "(or give --features and --annotations)")
+            f"{folder}` then `avepipe extract --list {folder / 'videos.txt'} --cache {folder / FEATURES}` for your own "
+            "videos (or give --features and --annotations)")

@@ -129,9 +129,11 @@ def test_csv_to_extract_to_train_end_to_end(media_dir, vgg19_weights, tmp_path):
     data = tmp_path / "mine"
     init = run_cli("dataset", "init", "--csv", csv, "--videos", media_dir, "--out", data)
     assert init.returncode == 0, init.stderr
-    assert f"next: avepipe extract {media_dir} --cache {data / 'features.h5'}" in init.stdout
+    assert f"next: avepipe extract --list {data / 'videos.txt'} --cache {data / 'features.h5'}" in init.stdout
     clips = [media_dir / name for name in ("fire2.mp4", "big_buck_bunny_432_433.webm", "sample_1s.mp4")]
-    extract = run_cli("extract", *clips, "--cache", data / "features.h5", "--vgg19-weights", vgg19_weights,
+    assert (data / "videos.txt").read_text().splitlines() == [str(c.resolve()) for c in clips]  # just the CSV's
+    extract = run_cli("extract", "--list", data / "videos.txt", "--cache", data / "features.h5",
+                      "--vgg19-weights", vgg19_weights,
                       "--vggish-weights", "random", "--device", "cpu", "--workers", "0")
     assert extract.returncode == 0, extract.stderr
     train = run_cli("train", "--model", "avel", "--dataset", data, "--epochs", "1", "--device", "cpu",
