@@ -82,8 +82,8 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(tmp_path, small_clips, we
     assert set(failures) == set(expected)
     for vid, words in expected.items():
         assert words in failures[vid]["error"] and vid in failures[vid]["error"]
-        line = next(ln for ln in result.stderr.splitlines() if f"failed {vid}:" in ln)
-        assert words in line
+        lines = [ln for ln in result.stderr.splitlines() if ln.startswith("failed:") and f"/{vid}.mp4" in ln]
+        assert len(lines) == 1 and words in lines[0]  # one line per failure, naming the file and the problem
     with h5py.File(cache, "r") as f:
         assert set(f["failed"]) == set(expected)
     # A re-run does not retry recorded failures unless asked, and keeps what was written.
