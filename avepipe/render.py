@@ -38,9 +38,10 @@ class ExtractProgress:
     on stderr, when it happens (the summary table only counts them). A run with nothing to do says so, without a bar.
     """
 
-    def __init__(self, console: Console, errors: Console, label: str = "extract"):
+    def __init__(self, console: Console, errors: Console, label: str = "extract", print_failures: bool = True):
         self.errors = errors
         self.label = label
+        self.print_failures = print_failures  # False: the caller lists the failures itself (localize, with the labels)
         self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("videos"), TextColumn("{task.fields[video_seconds]} s of video"),
                                  _RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -50,6 +51,7 @@ class ExtractProgress:
         self.in_flight: dict[str, tuple[int, int]] = {}  # video id -> (seconds done, seconds in all)
         self.finished_seconds = 0
         self.printed: set[str] = set()  # ids of the failures printed so far
+        self.warned: set[str] = set()  # the warnings printed so far (each once, however often it is emitted)
 
     def __enter__(self) -> ExtractProgress:
         self.progress.start()
@@ -60,7 +62,9 @@ class ExtractProgress:
 
     def update(self, event: str, fields: dict[str, Any]) -> None:
         if event == "warning":
-            self.errors.print(f"[bold yellow]WARNING:[/] {fields['message']}", soft_wrap=True)
+            if fields["message"] not in self.warned:
+                self.warned.add(fields["message"])
+                self.errors.print(f"[bold yellow]WARNING:[/] {fields['message']}", soft_wrap=True)
         elif event == "start":
             self._start(fields)
         elif event == "seconds":
@@ -75,7 +79,8 @@ class ExtractProgress:
             if bar is not None:
                 self.progress.remove_task(bar)
             self._refresh()
-        if event == "video" and fields["status"] == "failed" and fields["id"] not in self.printed:
+        if (event == "video" and fields["status"] == "failed" and self.print_failures
+                and fields["id"] not in self.printed):
             self.printed.add(fields["id"])
             self.errors.print(f"[red]failed:[/] {escape(fields['error'])}", soft_wrap=True)
 
@@ -237,18 +242,10 @@ class LocalizeProgress(ExtractProgress):
     emitted."""
 
     def __init__(self, console: Console, errors: Console, label: str = "extract"):
-        super().__init__(console, errors, label)
-        self.warned: set[str] = set()
+        super().__init__(console, errors, label, print_failures=False)
 
     def update(self, event: str, fields: dict[str, Any]) -> None:
-        if event == "video" and fields["status"] == "failed":
-            if self.task is not None:
-                self.progress.advance(self.task)
-        elif event == "warning":
-            if fields["message"] not in self.warned:
-                self.warned.add(fields["message"])
-                super().update(event, fields)
-        elif event != "labelled":
+        if event != "labelled":
             super().update(event, fields)
 
 
