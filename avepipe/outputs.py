@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from avepipe.errors import UsageError
+from avepipe.files import write_atomic
 
 if TYPE_CHECKING:
     from avepipe.localization import VideoLabels
@@ -94,10 +95,10 @@ def write_results(results: Sequence[VideoLabels], fmt: str, out: str | os.PathLi
     JSON / JSONL write their error record, CSV writes no file for them)."""
     write = get_writer(fmt)
     if not wants_directory(out):
-        return [_write_atomic(Path(out), write(results))]
+        return [write_atomic(Path(out), write(results))]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    return [_write_atomic(folder / f"{r.id}.{fmt}", write([r])) for r in results if r.error is None or fmt != "csv"]
+    return [write_atomic(folder / f"{r.id}.{fmt}", write([r])) for r in results if r.error is None or fmt != "csv"]
 
 
 def output_paths(out: str | os.PathLike, ids: Sequence[str], suffix: str) -> list[Path]:
@@ -129,11 +130,3 @@ def check_outputs(targets: dict[str, Sequence[Path]], inputs: Sequence[str | os.
             if path.resolve() in protected:
                 raise UsageError(f"{option} {path}: is an input ({protected[path.resolve()]}); it would be "
                                  "overwritten; write elsewhere")
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
+from avepipe.files import write_atomic
 from avepipe.localization import VideoLabels
 from avepipe.outputs import check_single_target, format_probability, wants_directory
 from avepipe.timeline import label_colour, legend_labels, text_colour
@@ -250,12 +251,8 @@ def render_report(result: VideoLabels, video_src: str, embedded: bool) -> str:
 def save_report(result: VideoLabels, out: str | os.PathLike, embed_limit: int = EMBED_LIMIT) -> Path:
     """Write the page of one labelled video to ``out`` atomically."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     src, embedded = video_source(result.video, out, embed_limit)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(render_report(result, src, embedded), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, render_report(result, src, embedded))
 
 
 def save_reports(results: Sequence[VideoLabels], target: str | os.PathLike,

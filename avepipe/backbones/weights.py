@@ -17,6 +17,7 @@ from typing import Any
 
 from avepipe import locations
 from avepipe.errors import WeightsError
+from avepipe.files import write_atomic
 
 RANDOM = "random"  # --vggish-weights random: deterministic random weights, for trying the pipeline only
 
@@ -124,9 +125,7 @@ def _write_records(directory: Path, records: dict[str, dict[str, str]]) -> None:
     if not records:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 
 def record_unofficial(directory: Path, name: str, file: str, sha256: str, source: str | os.PathLike) -> dict[str, str]:

@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 from avepipe.data.ave import BACKGROUND, SECONDS, SPLITS
 from avepipe.errors import DataError, MediaError, UsageError
+from avepipe.files import write_atomic
 from avepipe.inputs import MEDIA_EXTENSIONS, assign_ids, discover, video_id
 from avepipe.media import MediaInfo, probe
 
@@ -128,7 +129,7 @@ def init_dataset(csv_path: str | os.PathLike, videos: str | os.PathLike, out: st
              # The CSV's videos, one absolute path per line: `avepipe extract --list videos.txt` extracts just these.
              "videos.txt": "".join(f"{path.resolve()}\n" for path in dict.fromkeys(r.path for r in rows))}
     out.mkdir(parents=True, exist_ok=True)
-    written = [_write_atomic(out / name, text) for name, text in texts.items()]
+    written = [write_atomic(out / name, text) for name, text in texts.items()]
     return InitSummary(out, len(rows), len(split_of), labels, {s: len(split_rows[s]) for s in SPLITS},
                        {s: len({r.video_id for r in split_rows[s]}) for s in SPLITS}, hashed, longer, written)
 
@@ -264,10 +265,3 @@ def _check_durations(csv_path: Path, rows: list[Row], probe_media: Callable[[Pat
             raise DataError(f"{csv_path}: line {row.line}: end {row.end} is past the end of {row.path} "
                             f"({seconds[row.video_id]} whole seconds)")
     return [vid for vid, t in seconds.items() if t > SECONDS]
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -44,6 +44,7 @@ from avepipe.data import ave
 from avepipe.data.layout import ANNOTATIONS, FEATURES
 from avepipe.data.released import RELEASED_SPEC, import_released
 from avepipe.errors import AvepipeError, UsageError
+from avepipe.files import write_atomic
 from avepipe.locations import dataset_dir
 
 MIRROR_ENV = "AVEPIPE_DATA_MIRROR"
@@ -91,10 +92,7 @@ def _record_trust(directory: Path, name: str, path: Path, sha256: str, url: str)
     records = trust_records(directory)
     records[name] = {"sha256": sha256, "size": path.stat().st_size, "url": url,
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    target = Path(directory) / CHECKSUMS_FILE
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)
+    write_atomic(Path(directory) / CHECKSUMS_FILE, json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 
 # --- content checks --------------------------------------------------------------------------------------------------
@@ -285,10 +283,7 @@ def _derive(name: str, entry: dict[str, Any], directory: Path, force: bool) -> O
         return Outcome(name, str(target), "failed",
                        f"{entry['file']}: written from {', '.join(p.name for p in sources)} it is not the released "
                        f"file (sha256 {sha}, expected {expected}); not written")
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_atomic(target, data)
     return Outcome(name, str(target), "derived",
                    f"written from {', '.join(p.name for p in sources)}" + (", equal to the released file" if expected
                                                                             else ""), sha256=sha)
