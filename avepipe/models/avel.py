@@ -18,6 +18,7 @@ from avepipe.models.layers import (
     MaskedLSTM,
     masked_cross_entropy,
     mil_pool,
+    softmax_margin_loss,
     zero_padded,
 )
 from avepipe.models.registry import register
@@ -153,6 +154,5 @@ def released_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tenso
         mask = batch["mask"].flatten()
         return (per_second * mask).sum() / mask.sum()
     if task == "weak":
-        probs = outputs["video_logits"].softmax(-1)
-        return F.multilabel_soft_margin_loss(probs, F.one_hot(batch["video_label"], NUM_CLASSES).float())
+        return softmax_margin_loss(outputs["video_logits"], batch["video_label"])
     raise ValueError(f"AVEL has no loss for task {task!r}")

@@ -18,6 +18,11 @@ source and lists the choices.
   sigmoid(cas_a))``.
 * audio-visual interaction (``AudioVisualInteraction``): ``LN(v*a + MHA(v*a, [a; v], [a; v]))``, visual first, then
   audio with the updated visual.
+* weak decision (``weak_rule``): the released rule gives every second the video-level class (the top-k mean of the CAS,
+  29 classes) when its event test passes; that test (``sigmoid(av_gate) > 0.5`` on a gate that is already a sigmoid)
+  always passes. ``"video-class"`` (default) keeps the video-level class and tests each second with the CAS instead:
+  the second is the event when the video's class is its best CAS class, else background (one event class per video,
+  as AVE is annotated). ``"released"``: the released test as written; ``"segment-argmax"``: the per-second CAS argmax.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from avepipe.models.layers import (
     lengths_from_mask,
     masked_max,
     per_video_mean,
+    softmax_margin_loss,
     zero_padded,
 )
 from avepipe.models.registry import register
 
 NUM_CLASSES = 29
 BACKGROUND = 28
+WEAK_RULES = ("video-class", "segment-argmax", "released")
+WEAK_LOSSES = ("ce", "released")
 # Released configs/main.json (supervised) and configs/weak.json (weak); the other per-task values are read off
 # main_model.py (supv_main_model / weak_main_model).
 TASK_DEFAULTS = {
@@ -202,12 +210,20 @@ class AudioVisualInteraction(nn.Module):
             "interaction_heads": None,  # 4 supervised / 2 weak
             "visual_dropout": None,  # after the visual FC: 0.2 supervised / 0.1 weak
             "gate_loss": "bce",  # "bce" on the gate probability; "released": BCE-with-logits applied to it
+            "weak_rule": "video-class",  # the video's class where it is a second's best CAS class; see WEAK_RULES
+            "weak_loss": "ce",  # softmax CE of the video scores; "released": multi-label soft margin on the softmax
         },
         # Released supv_train.sh / supv_main.py: Adam 7e-4, batch 64, 200 epochs, lr x 0.5 after epochs 10, 20, 30,
         # gradient norm clipped at 0.5. The weak scripts use lr 6e-4 and milestones 10, 20, 40.
         "train": {"optimizer": "adam", "lr": 7e-4, "batch_size": 64, "epochs": 200, "lr_milestones": [10, 20, 30],
                   "lr_gamma": 0.5, "grad_clip": 0.5},
     },
+    presets={"released": {
+        "model": {"gate_loss": "released", "weak_rule": "released", "weak_loss": "released"},
+        "tasks": {"weak": {"train": {"lr": 6e-4, "lr_milestones": [10, 20, 40]}}},  # weakly_train.sh, weakly_main.py
+    }},
+    published={"supervised": 79.3, "weak": 74.2, "selection": "test",
+               "source": "CMBS CVPR22 (released supv_main.py / weakly_main.py keep the best test epoch)"},
 )
 class CMBS(nn.Module):
     def __init__(
@@ -231,16 +247,22 @@ class CMBS(nn.Module):
         interaction_heads: int | None = None,
         visual_dropout: float | None = None,
         gate_loss: str = "bce",
+        weak_rule: str = "video-class",
+        weak_loss: str = "ce",
     ):
         super().__init__()
         if task not in ("supervised", "weak"):
             raise ValueError(f"CMBS supports the supervised and weak tasks, not {task!r}")
         if gate_loss not in ("bce", "released"):
             raise ValueError(f"unknown gate_loss {gate_loss!r} (expected 'bce' or 'released')")
+        if weak_rule not in WEAK_RULES or weak_loss not in WEAK_LOSSES:
+            raise ValueError(f"unknown weak_rule {weak_rule!r} / weak_loss {weak_loss!r} (weak_rule: "
+                             f"{', '.join(WEAK_RULES)}; weak_loss: {', '.join(WEAK_LOSSES)})")
         given = {"alpha": alpha, "gamma": gamma, "beta": beta, "temporal_lstm": temporal_lstm,
                  "encoder_ff": encoder_ff, "interaction_heads": interaction_heads, "visual_dropout": visual_dropout}
         cfg = {k: (TASK_DEFAULTS[task][k] if v is None else v) for k, v in given.items()}
         self.task, self.top_k, self.gate_loss = task, top_k, gate_loss
+        self.weak_rule, self.weak_loss = weak_rule, weak_loss
         self.alpha, self.gamma = float(cfg["alpha"]), float(cfg["gamma"])
         self.visual_fc = nn.Linear(visual_dim, visual_dim)
         self.visual_drop = nn.Dropout(cfg["visual_dropout"])
@@ -317,10 +339,38 @@ class CMBS(nn.Module):
         # Weak: the fused CAS scaled by both modalities' CAS gates; video score = av_gate * top-k mean, max over time.
         cas = self.cas_head(fused)
         cas = self.gamma * torch.sigmoid(t["cas_visual"]) * cas + self.gamma * torch.sigmoid(t["cas_audio"]) * cas
-        raw = top_k_mean(cas, mask, self.top_k)  # [B, 29]
+        raw = top_k_mean(cas, mask, self.top_k)  # [B, 29], the released raw_logits
         av_gate = 0.5 * (t["gate_audio"] + t["gate_visual"])  # [B, T]
         video_logits = masked_max(av_gate[..., None] * raw[:, None, :], mask)
-        return {"segment_logits": cas, "video_logits": video_logits, "av_gate": av_gate}
+        out = {"cas": cas, "video_scores": raw, "video_logits": video_logits, "av_gate": av_gate}
+        if self.weak_rule == "segment-argmax":
+            return {**out, "segment_logits": cas}
+        # Two-stage rules: shaped as the supervised head (log P(event) + the video's class scores | log P(background))
+        # so that the argmax of segment_logits is the rule (the registry contract).
+        event = self.weak_event_logits(out)
+        shifted = (raw - raw.max(-1, keepdim=True).values)[:, None, :BACKGROUND]
+        segment_logits = torch.cat([F.logsigmoid(event)[..., None] + shifted, F.logsigmoid(-event)[..., None]], -1)
+        return {**out, "segment_logits": segment_logits, "event_logits": event}
+
+    def weak_event_logits(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T] logit of the weak rule's per-second event test (event exactly when > 0), from ``cas`` and
+        ``video_scores`` (recomputed by :meth:`event_logits` on the outputs as localize masks them).
+
+        The video's class is the argmax of ``video_scores`` (29 classes). If it is background, every second is
+        background: the logit is the best event score minus background's (<= 0). Otherwise ``"video-class"``: the
+        video's class score minus the best other class score of the second's CAS (> 0 exactly when the video's class
+        is the second's best class); ``"released"``: ``av_gate``, the score the released test feeds to a sigmoid and
+        compares with 0.5 (in (0, 1), so every second passes)."""
+        cas, raw = outputs["cas"], outputs["video_scores"]
+        video_class = raw.argmax(-1)  # [B]
+        if self.weak_rule == "released":
+            per_second = outputs["av_gate"]
+        else:
+            own = cas.gather(-1, video_class[:, None, None].expand(-1, cas.shape[1], 1)).squeeze(-1)
+            others = cas.scatter(-1, video_class[:, None, None].expand(-1, cas.shape[1], 1), float("-inf"))
+            per_second = own - others.amax(-1)
+        no_event = (raw[:, :BACKGROUND].amax(-1) - raw[:, BACKGROUND])[:, None].expand_as(per_second)
+        return torch.where((video_class == BACKGROUND)[:, None], no_event, per_second)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         mask = batch["mask"]
@@ -337,8 +387,10 @@ class CMBS(nn.Module):
             cas = event_category_loss(outputs["av_score"], batch["video_label"])
             return is_event + per_video_mean(gate_bce, mask) + category + cas
         if task == "weak":
-            # Video labels only: softmax cross-entropy of the pooled video scores (the released script feeds the
-            # softmax to MultiLabelSoftMarginLoss; see docs/models.md).
+            # Video labels only: softmax cross-entropy of the pooled video scores; "released": the released script's
+            # MultiLabelSoftMarginLoss on their softmax (docs/models.md).
+            if self.weak_loss == "released":
+                return softmax_margin_loss(outputs["video_logits"], batch["video_label"])
             return F.cross_entropy(outputs["video_logits"], batch["video_label"])
         raise ValueError(f"CMBS has no loss for task {task!r}")
 
@@ -347,9 +399,17 @@ class CMBS(nn.Module):
             category = outputs["category_logits"].argmax(-1, keepdim=True)
             event = outputs["event_logits"] > 0  # sigmoid > 0.5
             return torch.where(event, category, torch.full_like(category, BACKGROUND))
-        return outputs["segment_logits"].argmax(-1)
+        if self.weak_rule == "segment-argmax":
+            return outputs["cas"].argmax(-1)
+        # Recomputed from cas / video_scores, so that classes localize masks (-inf) can win neither test.
+        video_class = outputs["video_scores"].argmax(-1, keepdim=True).expand(-1, outputs["cas"].shape[1])
+        event = self.weak_event_logits(outputs) > 0
+        return torch.where(event, video_class, torch.full_like(video_class, BACKGROUND))
 
     def event_logits(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor | None:
-        """Supervised: the event score [B, T] of predict's event/background decision (background when it is <= 0);
-        weak: None (predict is the argmax of the 29 segment scores)."""
-        return outputs["event_logits"] if task == "supervised" else None
+        """The score [B, T] of predict's event/background decision (background when it is <= 0): supervised, the
+        event head; weak, the weak rule's test (:meth:`weak_event_logits`); None for ``"segment-argmax"`` (predict is
+        the argmax of the 29 CAS scores)."""
+        if task == "supervised":
+            return outputs["event_logits"]
+        return None if self.weak_rule == "segment-argmax" else self.weak_event_logits(outputs)

@@ -32,6 +32,7 @@ from avepipe.models.layers import (
     masked_max,
     mil_pool,
     per_video_mean,
+    softmax_margin_loss,
     span_match_loss,
     zero_padded,
 )
@@ -130,13 +131,8 @@ def mil_video_logits(relevance: torch.Tensor, category_logits: torch.Tensor, mas
 def released_weak_logits(relevance: torch.Tensor, category_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The released weak head (DIMN/model/weakly_main_model.py, ``WeaklyLocalizationModule``): 29-class logits ``c``
     of the max-pooled features times ``sigma(r_t)``, max over the seconds: [B, 29] (a softmax and the multi-label soft
-    margin loss follow in :func:`released_weak_loss`)."""
+    margin loss follow in :func:`~avepipe.models.layers.softmax_margin_loss`, as DIMN/weakly_main.py trains it)."""
     return mil_pool(torch.sigmoid(relevance)[..., None] * category_logits[:, None, :], mask, "max")
-
-
-def released_weak_loss(video_logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
-    """``nn.MultiLabelSoftMarginLoss()(softmax(logits), one-hot label)`` as DIMN/weakly_main.py trains it."""
-    return F.multilabel_soft_margin_loss(video_logits.softmax(-1), F.one_hot(video_label, NUM_CLASSES).float())
 
 
 def mil_loss(video_logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
@@ -244,7 +240,7 @@ class DMIN(nn.Module):
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         lam, labels = self.udl_lambda, batch["video_label"]
         if task == "weak":  # Eq. 18
-            weak = released_weak_loss if self.released_weak else mil_loss
+            weak = softmax_margin_loss if self.released_weak else mil_loss
             visual_loss = weak(outputs["video_logits_visual"], labels)
             fused_loss = weak(outputs["video_logits"], labels)
             return lam * visual_loss + (1 - lam) * fused_loss

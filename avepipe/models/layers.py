@@ -53,6 +53,13 @@ def event_category_loss(category_logits: torch.Tensor, video_label: torch.Tensor
     return (ce * has_event).sum() / has_event.sum().clamp(min=1)
 
 
+def softmax_margin_loss(video_logits: torch.Tensor, video_label: torch.Tensor) -> torch.Tensor:
+    """``nn.MultiLabelSoftMarginLoss()(softmax(video_logits), one-hot video_label)``: the weak loss of the released
+    AVEL, DMIN and CMBS scripts (a multi-label loss applied to softmax *probabilities*; its gradient is small)."""
+    target = F.one_hot(video_label, video_logits.shape[-1]).to(video_logits.dtype)
+    return F.multilabel_soft_margin_loss(video_logits.softmax(-1), target)
+
+
 def span_match_loss(match_logits: torch.Tensor, target_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """CML loss: per-second BCE of the match logits [B, T] against the target span, ``per_video_mean`` over real
     seconds."""

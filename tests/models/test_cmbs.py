@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from avepipe.models.cmbs import BACKGROUND, CMBS, AudioVisualInteraction, GatedSpatialAttention, top_k_mean
+from avepipe.models.cmbs import (
+    BACKGROUND,
+    CMBS,
+    WEAK_RULES,
+    AudioVisualInteraction,
+    GatedSpatialAttention,
+    top_k_mean,
+)
 from avepipe.models.registry import build_model, get_spec, parameter_count
 from tests.models.common import SMALL_CONFIGS, make_batch, segment_accuracy, small_data, split, train
 
@@ -206,12 +213,76 @@ def test_weak_head_matches_reference():
         cas = torch.stack([model.cas_head.weight @ trunk["fused"][b, t] for t in range(m)])
         gates = torch.sigmoid(trunk["cas_visual"][b, :m]), torch.sigmoid(trunk["cas_audio"][b, :m])
         cas = 0.5 * gates[0] * cas + 0.5 * gates[1] * cas
-        torch.testing.assert_close(out["segment_logits"][b, :m], cas)
+        torch.testing.assert_close(out["cas"][b, :m], cas)
         k = min(4, m)
         raw = torch.stack([torch.sort(cas[:, c], descending=True).values[:k].mean() for c in range(29)])
+        torch.testing.assert_close(out["video_scores"][b], raw)
         gate = 0.5 * (trunk["gate_audio"][b, :m] + trunk["gate_visual"][b, :m])
+        torch.testing.assert_close(out["av_gate"][b, :m], gate)
         video = torch.stack([max(float(g) * raw[c] for g in gate) for c in range(29)])
         torch.testing.assert_close(out["video_logits"][b], video)
+
+
+def _ref_weak_rule(rule, cas, raw, gate):
+    """The weak decision of one video, second by second (cas [T, 29], raw [29], gate [T]) -> list of labels."""
+    video_class = max(range(29), key=lambda c: float(raw[c]))
+    labels = []
+    for t in range(len(cas)):
+        if rule == "segment-argmax":
+            labels.append(max(range(29), key=lambda c: float(cas[t, c])))
+        elif video_class == BACKGROUND:
+            labels.append(BACKGROUND)
+        elif rule == "released":  # weakly_main.py compute_accuracy_supervised: sigmoid(av_gate) > 0.5
+            labels.append(video_class if 1 / (1 + math.exp(-float(gate[t]))) > 0.5 else BACKGROUND)
+        else:  # video-class: the video's class where it is the second's best class
+            best = max(range(29), key=lambda c: float(cas[t, c]))
+            labels.append(video_class if best == video_class else BACKGROUND)
+    return labels
+
+
+@pytest.mark.parametrize("rule", WEAK_RULES)
+def test_weak_rules_match_reference(rule):
+    # Hand-made outputs: video 0 is called a background video, video 1 an event video (class 5) whose seconds have
+    # class 5, background and another class as their best CAS class; gates on both sides of 0.5.
+    g = torch.Generator().manual_seed(3)
+    cas = torch.randn(2, 6, 29, generator=g, dtype=torch.float64)
+    cas[1, 0, 5] = cas[1, 3, 5] = 9.0
+    cas[1, 1, BACKGROUND] = cas[1, 5, BACKGROUND] = cas[1, 2, 20] = cas[1, 4, 11] = 9.0
+    raw = torch.randn(2, 29, generator=g, dtype=torch.float64)
+    raw[0, BACKGROUND], raw[1, 5] = 5.0, 5.0
+    gate = torch.tensor([[0.2, 0.9, 0.4, 0.6, 0.1, 0.95]] * 2, dtype=torch.float64)
+    model = build_model("cmbs", "weak", {**SMALL, "weak_rule": rule})
+    outputs = {"cas": cas, "video_scores": raw, "av_gate": gate}
+    pred = model.predict(outputs, "weak")
+    for b in range(2):
+        assert pred[b].tolist() == _ref_weak_rule(rule, cas[b], raw[b], gate[b])
+    assert pred[0].tolist() == ([BACKGROUND] * 6 if rule != "segment-argmax" else cas[0].argmax(-1).tolist())
+    if rule == "video-class":
+        assert pred[1].tolist() == [5, BACKGROUND, BACKGROUND, 5, BACKGROUND, BACKGROUND]
+    if rule == "released":
+        assert pred[1].tolist() == [5] * 6  # the released test passes on every second
+    event = model.event_logits(outputs, "weak")
+    if rule == "segment-argmax":
+        assert event is None
+    else:
+        assert ((event > 0) == (pred != BACKGROUND)).all()
+
+
+@pytest.mark.parametrize("rule", WEAK_RULES)
+def test_weak_segment_logits_argmax_is_the_rule(rule):
+    # The registry contract: the argmax of segment_logits is predict, on a real forward pass.
+    torch.manual_seed(0)
+    model = build_model("cmbs", "weak", {**SMALL, "weak_rule": rule}).double().eval()
+    data = small_data(6, seed=8, background_videos=0.5)
+    mask = _prefix_mask([10, 3, 10, 7, 10, 10], 10)
+    with torch.no_grad():
+        out = model(data["visual"].double(), data["audio"].double(), mask)
+    pred = model.predict(out, "weak")
+    assert (out["segment_logits"].argmax(-1) == pred)[mask].all()
+    if rule != "segment-argmax":
+        # the class part is the video's class scores (the same on every second), the decision the rule's test
+        part = out["segment_logits"][..., :BACKGROUND].softmax(-1)
+        torch.testing.assert_close(part, out["video_scores"][:, None, :BACKGROUND].softmax(-1).expand_as(part))
 
 
 # ---- learning -------------------------------------------------------------------------------------------------------
@@ -239,21 +310,28 @@ def test_learns_synthetic_supervised():
 
 
 def test_learns_synthetic_weak_from_video_labels_only():
-    # Not the issue's 0.85, and not reachable with CMBS's weak head and label (docs/models.md, CMBS): the released
-    # rule gives every second the video class (<= 0.71 here), and under the top-4 / max pooled one-hot video loss the
-    # background seconds of event videos drift to the event as training goes on (the gates saturate near 1 and
-    # separate nothing): 0.750 here, 0.83 at best (epoch 3), 0.80 with the released Adam 6e-4 + clip 0.5 after 8.
-    # What it does learn is asserted: the events, and above the trivial baselines (background everywhere 0.60, the
-    # video category everywhere 0.71).
+    # Video labels only. Trivial baselines on this held-out set: background everywhere 0.60, the true video category on
+    # every second 0.71. The default rule (the video's class where it is the second's best CAS class) is measured;
+    # the other two on the same trained model show why it is the default (docs/models.md, CMBS): the released test
+    # gives every second the video class, and the per-second CAS argmax lets background seconds of event videos drift.
     torch.manual_seed(0)
     train_set, test_set = split(small_data(1800, seed=11, min_event=2, background_videos=0.3, **SMALL_MAP), 1500)
     train_set["labels"] = torch.full_like(train_set["labels"], -100)
     train_set["event"] = torch.full_like(train_set["event"], float("nan"))
     model = build_model("cmbs", "weak", SMALL)
     train(model, train_set, task="weak", epochs=4, lr=2e-3)
-    accuracy, event_accuracy = _weak_accuracies(model, test_set)
-    print(f"cmbs weak: {accuracy:.3f} (event seconds {event_accuracy:.3f})")
-    assert event_accuracy >= 0.90 and accuracy >= 0.72, (accuracy, event_accuracy)
+    measured = {}
+    for rule in WEAK_RULES:
+        model.weak_rule = rule
+        measured[rule] = _weak_accuracies(model, test_set)
+        print(f"cmbs weak, rule {rule}: {measured[rule][0]:.3f} (event seconds {measured[rule][1]:.3f})")
+    accuracy, event_accuracy = measured["video-class"]
+    assert accuracy >= 0.85 and event_accuracy >= 0.90, measured
+    assert measured["released"][0] < accuracy, measured
+    model.weak_rule = "released"
+    with torch.no_grad():
+        pred = model.predict(model(test_set["visual"], test_set["audio"], test_set["mask"]), "weak")
+    assert (pred == pred[:, :1]).all()  # the released test passes on every second: one label per video
 
 
 def test_parameter_count_real_dims():

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from avepipe.models.avel import released_loss
 from avepipe.models.avsdn import mean_label_bce
-from avepipe.models.dmin import released_weak_logits, released_weak_loss
+from avepipe.models.dmin import released_weak_logits
 from avepipe.models.dmin_blocks import DenseAttention, sliding_query_product
-from avepipe.models.layers import AudioGuidedVisualAttention, cml_decode_scores
+from avepipe.models.layers import AudioGuidedVisualAttention, cml_decode_scores, softmax_margin_loss
 from avepipe.models.registry import build_model, get_spec, preset_overrides
 from avepipe.train import resolve_config
 from tests.models.common import SMALL_CONFIGS, segment_accuracy, small_data, split, train
@@ -185,7 +185,7 @@ def test_dmin_released_weak_head_and_loss():
     expected = 0.08 * mlsm(out["video_logits_visual"].softmax(-1), target) + 0.92 * mlsm(
         out["video_logits"].softmax(-1), target)
     torch.testing.assert_close(model.loss(out, batch, "weak"), expected)
-    torch.testing.assert_close(released_weak_loss(out["video_logits"], batch["video_label"]),
+    torch.testing.assert_close(softmax_margin_loss(out["video_logits"], batch["video_label"]),
                                mlsm(out["video_logits"].softmax(-1), target))
     # compute_accuracy_supervised(is_event, raw_logits): sigma(r) > 0.5 -> argmax of the 29 logits, else background
     rule = torch.where(torch.sigmoid(r) > 0.5, c.argmax(-1, keepdim=True), torch.full_like(r, 28, dtype=torch.long))
@@ -307,3 +307,47 @@ def test_dmin_released_preset_learns_synthetic_supervised():
     accuracy = segment_accuracy(model, test_set, "supervised")
     print(f"dmin released supervised: {accuracy:.3f}")
     assert accuracy >= 0.90, accuracy
+
+
+# ---- PSP and CMBS ---------------------------------------------------------------------------------------------------
+
+
+def test_psp_and_cmbs_released_presets_resolve():
+    assert get_spec("psp").preset_names() == get_spec("cmbs").preset_names() == ("paper", "released")
+    psp_weak = resolve_config("psp", preset="released", task="weak")
+    assert psp_weak["model"]["renormalize"] is False  # weakly_model.py does not re-normalise after pruning
+    assert psp_weak["train"]["lr_milestones"] == [80, 160]
+    psp_supervised = resolve_config("psp", preset="released", task="supervised")
+    assert psp_supervised["model"]["renormalize"] is True and psp_supervised["train"]["lr_milestones"] == [60, 120]
+    assert build_model("psp", "weak", released("psp", "weak")).psp.renormalize is False
+    cmbs_weak = resolve_config("cmbs", preset="released", task="weak")
+    assert {k: cmbs_weak["model"][k] for k in ("gate_loss", "weak_rule", "weak_loss")} == dict.fromkeys(
+        ("gate_loss", "weak_rule", "weak_loss"), "released")
+    assert (cmbs_weak["train"]["lr"], cmbs_weak["train"]["lr_milestones"]) == (6e-4, [10, 20, 40])
+    cmbs_supervised = resolve_config("cmbs", preset="released", task="supervised")
+    assert (cmbs_supervised["train"]["lr"], cmbs_supervised["train"]["lr_milestones"]) == (7e-4, [10, 20, 30])
+    paper = resolve_config("cmbs", preset="paper", task="weak")["model"]
+    assert (paper["gate_loss"], paper["weak_rule"], paper["weak_loss"]) == ("bce", "video-class", "ce")
+
+
+def test_cmbs_released_losses():
+    torch.manual_seed(0)
+    data = small_data(4, seed=6, min_event=2, background_videos=0.5)
+    batch = {**data, "mask": torch.ones(4, 10, dtype=torch.bool)}
+    weak = build_model("cmbs", "weak", released("cmbs", "weak")).eval()
+    with torch.no_grad():
+        out = weak(data["visual"], data["audio"], batch["mask"])
+        expected = torch.nn.MultiLabelSoftMarginLoss()(out["video_logits"].softmax(-1),
+                                                       F.one_hot(data["video_label"], 29).float())
+        torch.testing.assert_close(weak.loss(out, batch, "weak"), expected)
+    supervised = build_model("cmbs", "supervised", released("cmbs", "supervised")).eval()
+    paper = build_model("cmbs", "supervised", SMALL_CONFIGS["cmbs"]).eval()
+    paper.load_state_dict(supervised.state_dict())
+    with torch.no_grad():
+        out = supervised(data["visual"], data["audio"], batch["mask"])
+        event = data["event"]
+        # released supv_main.py: BCEWithLogitsLoss on the gate product (already a sigmoid), paper: BCE on it
+        released_gate = F.binary_cross_entropy_with_logits(out["av_gate"], event)
+        paper_gate = F.binary_cross_entropy(out["av_gate"], event)
+        difference = supervised.loss(out, batch, "supervised") - paper.loss(out, batch, "supervised")
+        torch.testing.assert_close(difference, released_gate - paper_gate)
