@@ -347,14 +347,15 @@ class CMBS(nn.Module):
             return {**out, "segment_logits": cas}
         # Two-stage rules: shaped as the supervised head (log P(event) + the video's class scores | log P(background))
         # so that the argmax of segment_logits is the rule (the registry contract).
-        event = self.weak_event_logits(out)
+        _, event = self.weak_decision(out)
         shifted = (raw - raw.max(-1, keepdim=True).values)[:, None, :BACKGROUND]
         segment_logits = torch.cat([F.logsigmoid(event)[..., None] + shifted, F.logsigmoid(-event)[..., None]], -1)
-        return {**out, "segment_logits": segment_logits, "event_logits": event}
+        return {**out, "segment_logits": segment_logits}
 
-    def weak_event_logits(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, T] logit of the weak rule's per-second event test (event exactly when > 0), from ``cas`` and
-        ``video_scores`` (recomputed by :meth:`event_logits` on the outputs as localize masks them).
+    def weak_decision(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-stage weak rules from ``cas`` and ``video_scores``: (the video's class [B], the logit [B, T] of each
+        second's event test, event exactly when > 0). Computed from the outputs as given, so on the outputs localize
+        has masked (-inf on classes the checkpoint does not name) neither part can pick such a class.
 
         The video's class is the argmax of ``video_scores`` (29 classes). If it is background, every second is
         background: the logit is the best event score minus background's (<= 0). Otherwise ``"video-class"``: the
@@ -370,7 +371,7 @@ class CMBS(nn.Module):
             others = cas.scatter(-1, video_class[:, None, None].expand(-1, cas.shape[1], 1), float("-inf"))
             per_second = own - others.amax(-1)
         no_event = (raw[:, :BACKGROUND].amax(-1) - raw[:, BACKGROUND])[:, None].expand_as(per_second)
-        return torch.where((video_class == BACKGROUND)[:, None], no_event, per_second)
+        return video_class, torch.where((video_class == BACKGROUND)[:, None], no_event, per_second)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         mask = batch["mask"]
@@ -401,15 +402,14 @@ class CMBS(nn.Module):
             return torch.where(event, category, torch.full_like(category, BACKGROUND))
         if self.weak_rule == "segment-argmax":
             return outputs["cas"].argmax(-1)
-        # Recomputed from cas / video_scores, so that classes localize masks (-inf) can win neither test.
-        video_class = outputs["video_scores"].argmax(-1, keepdim=True).expand(-1, outputs["cas"].shape[1])
-        event = self.weak_event_logits(outputs) > 0
-        return torch.where(event, video_class, torch.full_like(video_class, BACKGROUND))
+        video_class, event = self.weak_decision(outputs)
+        video_class = video_class[:, None].expand_as(event)
+        return torch.where(event > 0, video_class, torch.full_like(video_class, BACKGROUND))
 
     def event_logits(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor | None:
         """The score [B, T] of predict's event/background decision (background when it is <= 0): supervised, the
-        event head; weak, the weak rule's test (:meth:`weak_event_logits`); None for ``"segment-argmax"`` (predict is
-        the argmax of the 29 CAS scores)."""
+        event head; weak, the weak rule's test (:meth:`weak_decision`); None for ``"segment-argmax"`` (predict is the
+        argmax of the 29 CAS scores)."""
         if task == "supervised":
             return outputs["event_logits"]
-        return None if self.weak_rule == "segment-argmax" else self.weak_event_logits(outputs)
+        return None if self.weak_rule == "segment-argmax" else self.weak_decision(outputs)[1]
