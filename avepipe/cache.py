@@ -356,21 +356,22 @@ class FeatureCache:
         except OSError as exc:
             raise CacheError(f"{self.path}: cannot open as HDF5 ({exc})") from None
 
-    @property
-    def spec(self) -> dict[str, Any] | None:
+    def _file_attr(self, name: str) -> Any:
+        """The raw file-level attribute ``name``; None when it or the cache file does not exist."""
         if not self.path.exists():
             return None
         with h5py.File(self.path, "r") as f:
-            raw = f.attrs.get("feature_spec")
+            return f.attrs.get(name)
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        raw = self._file_attr("feature_spec")
         return json.loads(_attr(raw)) if raw is not None else None
 
     @property
     def shard(self) -> tuple[int, int] | None:
         """(K, N) of a cache written by ``extract --shard K/N``; None for any other cache."""
-        if not self.path.exists():
-            return None
-        with h5py.File(self.path, "r") as f:
-            raw = f.attrs.get("shard")
+        raw = self._file_attr("shard")
         if raw is None:
             return None
         try:

@@ -17,7 +17,7 @@ from typing import Any
 
 from avepipe import locations
 from avepipe.errors import WeightsError
-from avepipe.files import write_atomic
+from avepipe.files import read_records, write_atomic
 
 RANDOM = "random"  # --vggish-weights random: deterministic random weights, for trying the pipeline only
 
@@ -108,16 +108,7 @@ def select_names(names: list[str] | None) -> list[str]:
 
 def unofficial_records(directory: Path) -> dict[str, dict[str, str]]:
     """``name -> {file, sha256, source, date}`` for files imported with ``--force`` (``<dir>/unofficial.json``)."""
-    path = Path(directory) / UNOFFICIAL_FILE
-    if not path.is_file():
-        return {}
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: unreadable ({exc}); fix or delete it") from None
-    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
-        raise WeightsError(f"{path}: expected an object of name -> record; fix or delete it")
-    return records
+    return read_records(Path(directory) / UNOFFICIAL_FILE, WeightsError, "name -> record")
 
 
 def _write_records(directory: Path, records: dict[str, dict[str, str]]) -> None:

@@ -44,7 +44,7 @@ from avepipe.data import ave
 from avepipe.data.layout import ANNOTATIONS, FEATURES
 from avepipe.data.released import RELEASED_SPEC, import_released
 from avepipe.errors import AvepipeError, UsageError
-from avepipe.files import write_atomic
+from avepipe.files import read_records, write_atomic
 from avepipe.locations import dataset_dir
 
 MIRROR_ENV = "AVEPIPE_DATA_MIRROR"
@@ -76,16 +76,7 @@ def select_names(names: Optional[list[str]], entries: Optional[dict[str, dict[st
 
 
 def trust_records(directory: Path) -> dict[str, dict[str, Any]]:
-    path = Path(directory) / CHECKSUMS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable ({exc}); fix or delete it") from None
-    if not isinstance(records, dict) or not all(isinstance(r, dict) and "sha256" in r for r in records.values()):
-        raise UsageError(f"{path}: expected an object of file -> {{sha256, ...}}; fix or delete it")
-    return records
+    return read_records(Path(directory) / CHECKSUMS_FILE, UsageError, "file -> {sha256, ...}", ("sha256",))
 
 
 def _record_trust(directory: Path, name: str, path: Path, sha256: str, url: str) -> None:
