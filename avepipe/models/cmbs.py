@@ -212,6 +212,8 @@ class AudioVisualInteraction(nn.Module):
             "gate_loss": "bce",  # "bce" on the gate probability; "released": BCE-with-logits applied to it
             "weak_rule": "video-class",  # the video's class where it is a second's best CAS class; see WEAK_RULES
             "weak_loss": "ce",  # softmax CE of the video scores; "released": multi-label soft margin on the softmax
+            "weak_gates": "cross",  # weak: each stream scaled by the other modality's gate; "own": its own (released)
+            "attention_dropout": None,  # gated attention's self-attention dropout; None: visual_dropout (released: 0.2)
         },
         # Released supv_train.sh / supv_main.py: Adam 7e-4, batch 64, 200 epochs, lr x 0.5 after epochs 10, 20, 30,
         # gradient norm clipped at 0.5. The weak scripts use lr 6e-4 and milestones 10, 20, 40.
@@ -219,7 +221,8 @@ class AudioVisualInteraction(nn.Module):
                   "lr_gamma": 0.5, "grad_clip": 0.5},
     },
     presets={"released": {
-        "model": {"gate_loss": "released", "weak_rule": "released", "weak_loss": "released"},
+        "model": {"gate_loss": "released", "weak_rule": "released", "weak_loss": "released", "weak_gates": "own",
+                  "attention_dropout": 0.2},  # models.py New_Audio_Guided_Attention: nn.Dropout(0.2)
         "tasks": {"weak": {"train": {"lr": 6e-4, "lr_milestones": [10, 20, 40]}}},  # weakly_train.sh, weakly_main.py
     }},
     published={"supervised": 79.3, "weak": 74.2, "selection": "test",
@@ -249,6 +252,8 @@ class CMBS(nn.Module):
         gate_loss: str = "bce",
         weak_rule: str = "video-class",
         weak_loss: str = "ce",
+        weak_gates: str = "cross",
+        attention_dropout: float | None = None,
     ):
         super().__init__()
         if task not in ("supervised", "weak"):
@@ -261,13 +266,17 @@ class CMBS(nn.Module):
         given = {"alpha": alpha, "gamma": gamma, "beta": beta, "temporal_lstm": temporal_lstm,
                  "encoder_ff": encoder_ff, "interaction_heads": interaction_heads, "visual_dropout": visual_dropout}
         cfg = {k: (TASK_DEFAULTS[task][k] if v is None else v) for k, v in given.items()}
+        if weak_gates not in ("cross", "own"):
+            raise ValueError(f"unknown weak_gates {weak_gates!r} (expected 'cross' or 'own')")
         self.task, self.top_k, self.gate_loss = task, top_k, gate_loss
+        self.own_gates = task == "weak" and weak_gates == "own"
         self.weak_rule, self.weak_loss = weak_rule, weak_loss
         self.alpha, self.gamma = float(cfg["alpha"]), float(cfg["gamma"])
         self.visual_fc = nn.Linear(visual_dim, visual_dim)
         self.visual_drop = nn.Dropout(cfg["visual_dropout"])
+        att_dropout = cfg["visual_dropout"] if attention_dropout is None else attention_dropout
         self.attention = GatedSpatialAttention(visual_dim, audio_dim, att_hidden, att_latent, float(cfg["beta"]),
-                                               cfg["visual_dropout"])
+                                               att_dropout)
         if cfg["temporal_lstm"]:
             # Released RNNEncoder: audio BiLSTM with d/2 per direction (-> d), visual with d per direction (-> 2d).
             self.audio_lstm = MaskedLSTM(audio_dim, d_model // 2)
@@ -310,12 +319,15 @@ class CMBS(nn.Module):
         q_v = self.visual_decoder(v, e_a, mask)
         g_a = torch.sigmoid(self.audio_gate(e_a))  # [B, T, 1], the audio's view of which seconds matter
         g_v = torch.sigmoid(self.visual_gate(e_v))
-        # Time-level background suppression: each stream is scaled by the *other* modality's gate.
+        # Time-level background suppression: each stream is scaled by the *other* modality's gate; with
+        # weak_gates="own" (released weak_main_model: ``audio_gate = self.audio_gated(video_key_value_feature)`` scales
+        # ``video_query_output``) each stream by the gate of its own encoder.
+        gate_for_visual, gate_for_audio = (g_v, g_a) if self.own_gates else (g_a, g_v)
         if self.task == "supervised":
             q_v, q_a = q_v + self.alpha * g_a * q_v, q_a + self.alpha * g_v * q_a
         else:
-            q_v = (1 - self.alpha) * q_v + self.alpha * g_a * q_v
-            q_a = (1 - self.alpha) * q_a + self.alpha * g_v * q_a
+            q_v = (1 - self.alpha) * q_v + self.alpha * gate_for_visual * q_v
+            q_a = (1 - self.alpha) * q_a + self.alpha * gate_for_audio * q_a
         cas_v, cas_a = self.visual_cas(q_v), self.audio_cas(q_a)
         o_v = self.av_interaction(q_v, q_a, mask)
         o_a = self.va_interaction(q_a, o_v, mask)

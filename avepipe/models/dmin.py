@@ -61,27 +61,28 @@ TRANSFORMER = {
     "alpha": 0.5,  # FCPP diagonal weight (Sec. IV-C)
     "dfa_scale": "paper",  # FCPP / sqrt(d_k); "released": FCPP / (d_k sqrt(d_k)) (mean over the d_k channel rolls)
     "dima_projection": "shared",  # DIMA query = the encoder's T_a / T_v; "own": its own Linear (released decoder)
+    "attention_bias": False,  # W^Q, W^K, W^V without bias (Eq. 9, 11); released: with (in_proj_bias)
 }
 # What weizequan/DMIN (DIMN/, DCMR/) does; docs/models.md "Presets" has the table with files and lines.
-RELEASED_TRANSFORMER = {"dfa_scale": "released", "dima_projection": "own"}
+RELEASED_TRANSFORMER = {"dfa_scale": "released", "dima_projection": "own", "attention_bias": True}
 
 
 class _Interaction(nn.Module):
     """What DMIN and DCMR share: projections to d_m, one encoder per modality and one DIMA per modality."""
 
     def __init__(self, visual_dim, audio_dim, model_dim, heads, ff_dim, encoder_layers, dropout, dima_dropout, alpha,
-                 dfa_scale="paper", dima_projection="shared"):
+                 dfa_scale="paper", dima_projection="shared", attention_bias=False):
         super().__init__()
         if dima_projection not in ("shared", "own"):
             raise ValueError(f"unknown dima_projection {dima_projection!r} (expected 'shared' or 'own')")
         self.audio_proj = nn.Linear(audio_dim, model_dim)  # T_a
         self.visual_proj = nn.Linear(visual_dim, model_dim)  # T_v
-        self.audio_encoder = Encoder(model_dim, heads, ff_dim, dropout, encoder_layers)
-        self.visual_encoder = Encoder(model_dim, heads, ff_dim, dropout, encoder_layers)
+        self.audio_encoder = Encoder(model_dim, heads, ff_dim, dropout, encoder_layers, attention_bias)
+        self.visual_encoder = Encoder(model_dim, heads, ff_dim, dropout, encoder_layers, attention_bias)
         self.audio_dima = AttentionBlock(model_dim, heads, ff_dim, dima_dropout, dense_alpha=alpha,
-                                         dense_scale=dfa_scale)
+                                         dense_scale=dfa_scale, bias=attention_bias)
         self.visual_dima = AttentionBlock(model_dim, heads, ff_dim, dima_dropout, dense_alpha=alpha,
-                                          dense_scale=dfa_scale)
+                                          dense_scale=dfa_scale, bias=attention_bias)
         if dima_projection == "own":  # released CrossModalRelationAttModule.affine_matrix: the decoder's own input FC
             self.audio_dima_proj = nn.Linear(audio_dim, model_dim)
             self.visual_dima_proj = nn.Linear(visual_dim, model_dim)
@@ -160,6 +161,7 @@ def mil_loss(video_logits: torch.Tensor, video_label: torch.Tensor) -> torch.Ten
             "agta_dim": 256,  # d_o (released code)
             "mfb_factor": 5,  # k in Eq. 3 (released code: 1280 = 5 x 256)
             "mfb_dropout": 0.1,  # released code
+            "mfb_dropout_at": "pooled",  # D(SP(.)), Eq. 4; "product": before the sum pooling (released MFB)
             "agta_lstm_layers": 2,  # released code
             **TRANSFORMER,
             "fusion_heads": 4,  # Eq. 14 attention (released supervised code)
@@ -172,11 +174,14 @@ def mil_loss(video_logits: torch.Tensor, video_label: torch.Tensor) -> torch.Ten
         "train": dict(TRAIN),
     },
     presets={"released": {
-        "model": {**RELEASED_TRANSFORMER, "channel_residual": True, "input_fc": True, "weak_head": "released"},
+        "model": {**RELEASED_TRANSFORMER, "channel_residual": True, "input_fc": True, "weak_head": "released",
+                  "mfb_dropout_at": "product"},
         "train": {"lr": 5e-4},  # supv_train.sh / weakly_train.sh: --lr 0.0005
-        # weakly_main.py: MultiStepLR([5, 20, 40], 0.5); weakly_train.sh passes no --clip_gradient;
-        # weakly_main_model.py: AudioVideoInter(n_head=2)
-        "tasks": {"weak": {"model": {"fusion_heads": 2}, "train": {"lr_milestones": [5, 20, 40], "grad_clip": None}}},
+        # weakly_main.py: MultiStepLR([5, 20, 40], 0.5); weakly_train.sh passes no --clip_gradient, so
+        # configs/default_config.yaml's clip_gradient 0.5 applies (utils.get_and_save_args, parser.set_defaults);
+        # weakly_main_model.py: AudioVideoInter(n_head=2); weakly_models.py: DecoderLayer(dropout=0.1)
+        "tasks": {"weak": {"model": {"fusion_heads": 2, "dima_dropout": 0.1},
+                           "train": {"lr_milestones": [5, 20, 40], "grad_clip": 0.5}}},
     }},
     published={"supervised": 79.6, "weak": 74.3, "selection": "test",
                "source": "DMIN Table I (released supv_main.py / weakly_main.py keep the best epoch on test)"},
@@ -186,7 +191,7 @@ class DMIN(nn.Module):
                  mfb_dropout=0.1, agta_lstm_layers=2, model_dim=256, heads=4, ff_dim=2048, encoder_layers=2,
                  dropout=0.1, dima_dropout=0.02, alpha=0.5, fusion_heads=4, lambda_supervised=0.1, lambda_weak=0.08,
                  dfa_scale="paper", dima_projection="shared", channel_residual=False, input_fc=False,
-                 weak_head="paper"):
+                 weak_head="paper", attention_bias=False, mfb_dropout_at="pooled"):
         super().__init__()
         if task not in ("supervised", "weak"):
             raise ValueError(f"DMIN supports the supervised and weak tasks, not {task!r} (dcmr is its CML variant)")
@@ -199,10 +204,12 @@ class DMIN(nn.Module):
         self.udl_lambda = lambda_supervised if task == "supervised" else lambda_weak
         self.agta = AudioGuidedTripletAttention(
             visual_dim, audio_dim, bottleneck=channel_bottleneck, out_dim=agta_dim, factor=mfb_factor,
-            mfb_dropout=mfb_dropout, lstm_layers=agta_lstm_layers, channel_residual=channel_residual)
+            mfb_dropout=mfb_dropout, lstm_layers=agta_lstm_layers, channel_residual=channel_residual,
+            mfb_dropout_at=mfb_dropout_at)
         self.interaction = _Interaction(visual_dim, audio_dim, model_dim, heads, ff_dim, encoder_layers, dropout,
-                                        dima_dropout, alpha, dfa_scale, dima_projection)
-        self.fusion = AttentionBlock(model_dim, fusion_heads, 0, dropout, feed_forward=False)  # Eq. 14, DPA
+                                        dima_dropout, alpha, dfa_scale, dima_projection, attention_bias)
+        self.fusion = AttentionBlock(model_dim, fusion_heads, 0, dropout, feed_forward=False,
+                                     bias=attention_bias)  # Eq. 14, DPA
         self.relevance = nn.Linear(model_dim, 1)  # FC of Eq. 15 on F_o
         classes = NUM_CLASSES if self.released_weak else NUM_CLASSES - 1  # released weak head: 29 classes
         self.category = nn.Linear(model_dim, classes)  # FC of Eq. 16 on max-pooled F_o (L_eco)
@@ -289,7 +296,7 @@ class DCMR(nn.Module):
 
     def __init__(self, task: str, *, visual_dim=512, audio_dim=128, model_dim=256, heads=4, ff_dim=2048,
                  encoder_layers=2, dropout=0.1, dima_dropout=0.02, alpha=0.5, dfa_scale="paper",
-                 dima_projection="shared", cml_protocol="leak-free"):
+                 dima_projection="shared", cml_protocol="leak-free", attention_bias=False):
         super().__init__()
         if task != "cml":
             raise ValueError(f"DCMR supports the cml task only, not {task!r} (dmin is its SEL variant)")
@@ -297,7 +304,7 @@ class DCMR(nn.Module):
             raise ValueError(f"unknown cml_protocol {cml_protocol!r} (expected 'leak-free' or 'paper')")
         self.task, self.cml_protocol = task, cml_protocol
         self.interaction = _Interaction(visual_dim, audio_dim, model_dim, heads, ff_dim, encoder_layers, dropout,
-                                        dima_dropout, alpha, dfa_scale, dima_projection)
+                                        dima_dropout, alpha, dfa_scale, dima_projection, attention_bias)
         # Event-relevance FC (Eq. 15) on the cross-matched candidate features; one per direction, since the candidates
         # are v_cross in A2V and a_cross in V2A (the released code trains one network per direction).
         self.match = nn.ModuleDict({"a2v": nn.Linear(model_dim, 1), "v2a": nn.Linear(model_dim, 1)})

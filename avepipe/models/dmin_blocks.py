@@ -54,9 +54,14 @@ class MFBCorrelation(nn.Module):
 
     ``SP(f, k)`` sums each run of ``k`` consecutive elements of the ``k d_o``-wide product (kernel k, stride k)."""
 
-    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, factor: int, dropout: float):
+    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, factor: int, dropout: float,
+                 dropout_at: str = "pooled"):
         super().__init__()
-        self.out_dim, self.factor = out_dim, factor
+        if dropout_at not in ("pooled", "product"):
+            raise ValueError(f"unknown MFB dropout place {dropout_at!r} (expected 'pooled' or 'product')")
+        # "pooled": D(SP(.)) as Eq. 4 writes it; "product": the released MFB (supv_models.py,
+        # New_Audio_Guided_Attention.MFB: ``F.dropout(av, 0.1)`` on the k d_o-wide product, before the sum pooling)
+        self.out_dim, self.factor, self.dropout_at = out_dim, factor, dropout_at
         self.audio = nn.Linear(audio_dim, factor * out_dim)  # Phi
         self.visual = nn.Linear(visual_dim, factor * out_dim)  # Psi
         self.dropout = nn.Dropout(dropout)
@@ -64,7 +69,11 @@ class MFBCorrelation(nn.Module):
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """audio [B, T, Da], visual [B, T, N, Dv] -> [B, T, N, d_o] (unit L2 norm per position)."""
         joint = F.relu(self.audio(audio)).unsqueeze(2) * F.relu(self.visual(visual))
-        pooled = self.dropout(joint.unflatten(-1, (self.out_dim, self.factor)).sum(-1))
+        if self.dropout_at == "product":
+            joint = self.dropout(joint)
+        pooled = joint.unflatten(-1, (self.out_dim, self.factor)).sum(-1)
+        if self.dropout_at == "pooled":
+            pooled = self.dropout(pooled)
         return F.normalize(signed_sqrt(pooled), dim=-1)
 
 
@@ -95,13 +104,13 @@ class AudioGuidedTripletAttention(nn.Module):
     (v^S [B, T, Dv], spatial map M^S [B, T, N], channel map M^C [B, T, Dv])."""
 
     def __init__(self, visual_dim: int, audio_dim: int, *, bottleneck: int, out_dim: int, factor: int,
-                 mfb_dropout: float, lstm_layers: int, channel_residual: bool = False):
+                 mfb_dropout: float, lstm_layers: int, channel_residual: bool = False, mfb_dropout_at: str = "pooled"):
         super().__init__()
         # channel_residual: Eq. 2 as released (supv_models.py, New_Audio_Guided_Attention.forward:
         # ``raw_visual_feature * (channel_att_maps + 1)``), v^C = (1 + M^C) * v instead of M^C * v.
         self.channel_residual = channel_residual
         self.channel = ChannelAttention(visual_dim, audio_dim, bottleneck)
-        self.mfb = MFBCorrelation(visual_dim, audio_dim, out_dim, factor, mfb_dropout)
+        self.mfb = MFBCorrelation(visual_dim, audio_dim, out_dim, factor, mfb_dropout, mfb_dropout_at)
         self.temporal = SpatialTemporalCorrelation(visual_dim, audio_dim, out_dim, lstm_layers)
         self.score = nn.Linear(out_dim, 1)  # W_3
 
@@ -147,7 +156,7 @@ class DenseAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dropout: float, dense_alpha: float | None = None,
-                 dense_scale: str = "paper"):
+                 dense_scale: str = "paper", bias: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
@@ -156,9 +165,11 @@ class DenseAttention(nn.Module):
         # "released": the released FCPP is the mean over the d_k channel rolls (supv_models.py,
         # multi_head_attention_forward: ``avcat.mean(-1)``), i.e. FCPP / d_k, before the usual 1 / sqrt(d_k).
         self.heads, self.dense_alpha, self.dense_scale = heads, dense_alpha, dense_scale
-        self.query = nn.Linear(dim, dim, bias=False)
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim, bias=False)
+        # bias=True: the released attentions (nn.MultiheadAttention and supv_models.py MultiHead) have an
+        # ``in_proj_bias`` on W^Q, W^K, W^V; Eq. 9 and 11 write them without.
+        self.query = nn.Linear(dim, dim, bias=bias)
+        self.key = nn.Linear(dim, dim, bias=bias)
+        self.value = nn.Linear(dim, dim, bias=bias)
         self.out = nn.Linear(dim, dim)  # W^O
         self.dropout = nn.Dropout(dropout)
 
@@ -199,9 +210,9 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float, *, dense_alpha: float | None = None,
-                 feed_forward: bool = True, dense_scale: str = "paper"):
+                 feed_forward: bool = True, dense_scale: str = "paper", bias: bool = False):
         super().__init__()
-        self.attention = DenseAttention(dim, heads, dropout, dense_alpha, dense_scale)
+        self.attention = DenseAttention(dim, heads, dropout, dense_alpha, dense_scale, bias)
         self.drop = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.ff = None
@@ -220,9 +231,9 @@ class AttentionBlock(nn.Module):
 class Encoder(nn.Module):
     """A stack of intra-modality self-attention layers (Eq. 9-10) with a key mask."""
 
-    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float, layers: int):
+    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float, layers: int, bias: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(AttentionBlock(dim, heads, ff_dim, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(AttentionBlock(dim, heads, ff_dim, dropout, bias=bias) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

@@ -43,6 +43,7 @@ EPS = 1e-8  # added to every L1 normaliser (released code), so an all-zero row s
 # Released README / argparse defaults of the pruning threshold tau.
 THRESHOLD = {"supervised": 0.099, "weak": 0.095}
 WEAK_TARGETS = ("proportion", "video-label")
+WEAK_NETS = ("supervised", "released")
 
 
 def l1_rows(x: torch.Tensor) -> torch.Tensor:
@@ -54,14 +55,17 @@ class PositiveSamplePropagation(nn.Module):
     """The PSP module: all-pair audio-visual similarity, pruning with threshold ``tau``, propagation along the kept
     pairs, then per-modality FC + ReLU + LayerNorm (one LayerNorm shared by both modalities, as released)."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float, renormalize: bool = True):
+    def __init__(self, dim: int, hidden: int, dropout: float, renormalize: bool = True, output_fc: bool = True):
         super().__init__()
         self.v_key = nn.Linear(dim, hidden, bias=False)  # v_L1 (visual messages to audio)
         self.v_query = nn.Linear(dim, hidden, bias=False)  # v_L2 (visual side of the similarity)
         self.a_query = nn.Linear(dim, hidden, bias=False)  # a_L1 (audio side of the similarity)
         self.a_value = nn.Linear(dim, hidden, bias=False)  # a_L2 (audio messages to visual)
-        self.v_fc = nn.Linear(hidden, dim, bias=False)
-        self.a_fc = nn.Linear(hidden, dim, bias=False)
+        # output_fc=False: weakly_model.py's PSP, LayerNorm straight after the residual (no v_fc / a_fc)
+        self.output_fc = output_fc
+        if output_fc:
+            self.v_fc = nn.Linear(hidden, dim, bias=False)
+            self.a_fc = nn.Linear(hidden, dim, bias=False)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.drop = nn.Dropout(dropout)
         self.renormalize = renormalize
@@ -90,6 +94,9 @@ class PositiveSamplePropagation(nn.Module):
         a2 = self.drop(F.relu(self.a_value(a)))
         v_psp = v + gamma_va @ a2
         a_psp = a + gamma_av @ v1
+        if not self.output_fc:
+            v_out, a_out = self.norm(v_psp), self.norm(a_psp)
+            return 0.5 * (v_out + a_out), v_out, a_out
         v_out = self.norm(self.drop(F.relu(self.v_fc(v_psp))))
         a_out = self.norm(self.drop(F.relu(self.a_fc(a_psp))))
         return 0.5 * (v_out + a_out), v_out, a_out
@@ -141,15 +148,21 @@ def avps_loss(cosine: torch.Tensor, event: torch.Tensor, mask: torch.Tensor) -> 
             "dropout": 0.1,
             "lambda_avps": 100.0,  # released --LAMBDA
             "weak_target": "proportion",  # prob_label.h5: event / background share (Sec. 3); "video-label": one-hot
+            "attention_form": "paper",  # "released": the audio projection added along the position axis (AVGA)
+            "init": "pytorch",  # "xavier": Xavier-uniform attention, PSP and classifier weights (released)
+            "weak_net": "supervised",  # weak task: "released" is weakly_model.py's own network (see PSP.__init__)
         },
         # Released fully_supervised_main.py: Adam 1e-3, batch 128, 300 epochs, lr x 0.8 after epochs 60 and 120
         # ((epoch+1) % 60 == 0 and epoch < 170). The weak script decays after 80 and 160 instead.
         "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 128, "epochs": 300, "lr_milestones": [60, 120],
                   "lr_gamma": 0.8},
     },
-    # Where the released weak script differs from the supervised one (the architecture differences of weakly_model.py
-    # are listed in docs/models.md and not reproduced).
-    presets={"released": {"tasks": {"weak": {"model": {"renormalize": False}, "train": {"lr_milestones": [80, 160]}}}}},
+    # fully_model.py / weakly_model.py as they compute (docs/models.md, "Presets", PSP rows with files and lines).
+    presets={"released": {
+        "model": {"attention_form": "released", "init": "xavier"},
+        "tasks": {"weak": {"model": {"renormalize": False, "weak_net": "released"},
+                           "train": {"lr_milestones": [80, 160]}}},
+    }},
     published={"supervised": 77.8, "weak": 73.5, "selection": "test",
                "source": "PSP CVPR21, as its README quotes (the released scripts keep the best test epoch)"},
 )
@@ -170,27 +183,56 @@ class PSP(nn.Module):
         dropout: float = 0.1,
         lambda_avps: float = 100.0,
         weak_target: str = "proportion",
+        attention_form: str = "paper",
+        init: str = "pytorch",
+        weak_net: str = "supervised",
     ):
         super().__init__()
         if task not in ("supervised", "weak"):
             raise ValueError(f"PSP supports the supervised and weak tasks, not {task!r}")
         if weak_target not in WEAK_TARGETS:
             raise ValueError(f"unknown weak_target {weak_target!r} (expected one of {WEAK_TARGETS})")
+        if init not in ("pytorch", "xavier") or weak_net not in WEAK_NETS:
+            raise ValueError(f"unknown init {init!r} / weak_net {weak_net!r} (init: pytorch, xavier; weak_net: "
+                             f"{', '.join(WEAK_NETS)})")
         self.task, self.lambda_avps, self.weak_target = task, lambda_avps, weak_target
         self.threshold = THRESHOLD[task] if threshold is None else float(threshold)
-        self.embed_audio = nn.Sequential(nn.Linear(audio_dim, embed_hidden, bias=False),
-                                         nn.Linear(embed_hidden, embed_dim, bias=False))
-        self.embed_visual = nn.Sequential(nn.Linear(visual_dim, embed_hidden, bias=False),
-                                          nn.Linear(embed_hidden, embed_dim, bias=False))
-        self.attention = AudioGuidedVisualAttention(visual_dim, embed_dim, att_hidden, att_dim)
+        # weak_net="released" (weak task): weakly_model.py's psp_net, which has no f_a / f_v: the attention is guided
+        # by the raw audio, one Linear(Dv, Da) with bias (linear_v) maps the attended visual vector to the audio width,
+        # the audio BiLSTM reads the raw audio, and PSP has no output FC (LayerNorm straight after the residual).
+        self.released_weak = task == "weak" and weak_net == "released"
+        if self.released_weak:
+            self.embed_audio = nn.Identity()
+            self.embed_visual = nn.Linear(visual_dim, audio_dim)  # linear_v
+            embed_dim = audio_dim
+        else:
+            self.embed_audio = nn.Sequential(nn.Linear(audio_dim, embed_hidden, bias=False),
+                                             nn.Linear(embed_hidden, embed_dim, bias=False))
+            self.embed_visual = nn.Sequential(nn.Linear(visual_dim, embed_hidden, bias=False),
+                                              nn.Linear(embed_hidden, embed_dim, bias=False))
+        self.attention = AudioGuidedVisualAttention(visual_dim, embed_dim, att_hidden, att_dim, attention_form)
         self.audio_lstm = MaskedLSTM(embed_dim, lstm_hidden)
         self.visual_lstm = MaskedLSTM(embed_dim, lstm_hidden)
         dim = 2 * lstm_hidden
-        self.psp = PositiveSamplePropagation(dim, dim, dropout, renormalize)
+        self.psp = PositiveSamplePropagation(dim, dim, dropout, renormalize, output_fc=not self.released_weak)
         self.classifier = nn.Sequential(nn.Linear(dim, classifier_hidden, bias=False), nn.ReLU(),
                                         nn.Linear(classifier_hidden, NUM_CLASSES, bias=False))
         if task == "weak":
             self.weighting = nn.Linear(NUM_CLASSES, 1, bias=False)  # W3 of the weighting branch
+        if init == "xavier":
+            for layer in self.xavier_layers():
+                nn.init.xavier_uniform_(layer.weight)
+
+    def xavier_layers(self) -> list[nn.Linear]:
+        """The layers the released code gives Xavier-uniform weights (biases keep PyTorch's init): the attention's five
+        (AVGA.__init__), PSP's four similarity / message layers and its two output FCs where present
+        (PSP.init_weights), the classifier's L1 and L2 (psp_net.init_layers). Not f_a, f_v, linear_v, W3, the LSTMs."""
+        psp = [self.psp.v_key, self.psp.v_query, self.psp.a_query, self.psp.a_value]
+        if self.psp.output_fc:
+            psp += [self.psp.v_fc, self.psp.a_fc]
+        att = self.attention
+        return [att.embed_visual, att.embed_audio, att.project_visual, att.project_audio, att.score, *psp,
+                self.classifier[0], self.classifier[2]]
 
     def encode(self, visual: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor):
         """-> (v_t, a_t) [B, T, 2h], the BiLSTM features that enter PSP."""

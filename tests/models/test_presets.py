@@ -38,7 +38,7 @@ def test_presets_are_listed_and_resolved():
     weak = resolve_config("dmin", preset="released", task="weak")
     assert supervised["preset"] == "released" and supervised["train"]["lr"] == weak["train"]["lr"] == 5e-4
     assert (supervised["train"]["lr_milestones"], supervised["train"]["grad_clip"]) == ([10, 20, 30], 0.1)
-    assert (weak["train"]["lr_milestones"], weak["train"]["grad_clip"]) == ([5, 20, 40], None)
+    assert (weak["train"]["lr_milestones"], weak["train"]["grad_clip"]) == ([5, 20, 40], 0.5)  # default_config.yaml
     assert (supervised["model"]["fusion_heads"], weak["model"]["fusion_heads"]) == (4, 2)
     avel_weak = resolve_config("avel", preset="released", task="weak")
     assert (avel_weak["train"]["epochs"], avel_weak["train"]["lr_step"]) == (250, None)  # no lr decay
