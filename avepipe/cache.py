@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from avepipe.errors import CacheError, CacheLockedError, SpecMismatchError
+from avepipe.faults import fault_point
 from avepipe.inputs import shard_of
 
 FORMAT = "avepipe-cache"
@@ -526,6 +527,7 @@ class FeatureCache:
             f.create_dataset("audio", data=np.ascontiguousarray(audio, dtype=np.float32))
             for key, value in attrs.items():
                 f.attrs[key] = _storable(value)
+        fault_point("stage-entry")
         _replace_atomically(tmp, final)
         failed = self.staging / f"{video_id}{FAILED_SUFFIX}"
         if failed.exists():
@@ -539,6 +541,7 @@ class FeatureCache:
         return _temp_name(self.staging, "entry"), self.staging / f"{video_id}{STAGED_SUFFIX}"
 
     def commit_staged(self, video_id: str, tmp: Path, final: Path) -> None:
+        fault_point("stage-entry")
         _replace_atomically(tmp, final)
         failed = self.staging / f"{video_id}{FAILED_SUFFIX}"
         if failed.exists():
@@ -583,6 +586,7 @@ class FeatureCache:
             self._clear_staging()
             return
         self._rewrite(spec=None)
+        fault_point("compact-cleared")
         self._clear_staging()
 
     def _clear_staging(self) -> None:
@@ -634,6 +638,7 @@ class FeatureCache:
         finally:
             if old is not None:
                 old.close()
+        fault_point("compact")
         _replace_atomically(tmp, self.path)
 
     def _stored_failures(self) -> dict[str, dict[str, Any]]:
@@ -727,20 +732,35 @@ def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, overwrite: bo
                     )
                 continue
             owner[video_id] = reader
-    writer = FeatureCache(out, "a")
+    # Written under a hidden name beside ``out`` and renamed onto it when complete: a merge killed at any moment
+    # leaves no ``out`` that looks like a complete cache (a rerun starts the hidden one afresh).
+    building = out.with_name(f".{out.name}.merging")
+    writer = FeatureCache(building, "a")  # its lock: one merge into ``out`` at a time
     try:
-        if out.exists():
-            out.unlink()  # overwrite: start from nothing
-        writer._clear_staging()  # and nothing staged by an earlier writer of that output
+        building.unlink(missing_ok=True)  # what a killed merge left: start from nothing
+        writer._clear_staging()
         if spec is not None:
             writer.ensure_spec(spec)
         for video_id, reader in sorted(owner.items()):
             entry = reader.get(video_id)
             writer.put(video_id, entry.visual, entry.audio, entry.attrs)
+            fault_point("merge-put")
         for reader in readers:
             for video_id, record in reader.failures().items():
                 if video_id not in owner:
                     writer.put_failure(video_id, record.get("source_path", ""), record.get("error", ""))
     finally:
-        writer.close()
+        writer.close()  # compacts into ``building``
+    fault_point("merge-rename")
+    target = FeatureCache(out, "a") if out.exists() else None  # --overwrite: hold its lock, drop its staging
+    try:
+        if target is not None:
+            target._clear_staging()
+        _replace_atomically(building, out)
+    finally:
+        if target is not None:
+            target.close()
+    lock_path(building).unlink(missing_ok=True)
+    if writer.staging.is_dir() and not any(writer.staging.iterdir()):
+        writer.staging.rmdir()
     return len(owner)

@@ -4,7 +4,8 @@ Commands raise; they never print errors or pick exit codes themselves. :func:`ex
 turns what a command raises into a one-line message on stderr and the exit code of :mod:`avepipe.errors`: 0 success;
 1 some videos failed (listed, and stored under /failed in the cache); 2 usage error (bad option, unreadable list,
 locked cache, mixed feature specs, missing weights, unusable data or checkpoint); 3 internal error (a bug: one line,
-``AVEPIPE_DEBUG=1`` shows the traceback); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+``AVEPIPE_DEBUG=1`` shows the traceback; running out of memory is not one: exit 2 with the remedy); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from avepipe.errors import (
     EXIT_SOME_FAILED,
     EXIT_TERMINATED,
     AvepipeError,
+    ResourceError,
     UsageError,
 )
 
@@ -71,10 +73,35 @@ def exit_code(exc: BaseException) -> int:
         word = "terminated (SIGTERM)" if terminated else "interrupted"
         errors.print(f"[yellow]{word}[/]{': ' + escape(str(exc)) if str(exc) else ''}", soft_wrap=True)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    if out_of_memory(exc):  # a small container, `ulimit -v`, a full GPU: the remedy, not a bug report
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
+        return exit_code(ResourceError(
+            f"out of memory ({type(exc).__name__}: {detail}): use a smaller --batch-size and fewer --workers (each "
+            "decode worker holds a few seconds of frames), or give the job more memory"))
     # A bug, not bad input: one line, the traceback only on request.
     errors.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set AVEPIPE_DEBUG=1 for the "
                  "traceback and please report it)", soft_wrap=True)
     return EXIT_INTERNAL
+
+
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is an allocation failure: Python's MemoryError (numpy's too), torch's CPU
+    allocator ("DefaultCPUAllocator: can't allocate memory") and CUDA out-of-memory errors, ENOMEM from the system."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+            return True
+        if isinstance(exc, RuntimeError) and any(word in str(exc).lower() for word in _OOM_WORDS):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class _Commands(TyperGroup):

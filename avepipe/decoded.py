@@ -28,7 +28,8 @@ import numpy as np
 from avepipe.cache import FeatureCache
 from avepipe.decode import FRAME_SHAPE, DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.errors import UsageError
-from avepipe.planning import BatchReport, plan, record_plan_failures
+from avepipe.faults import fault_point
+from avepipe.planning import BatchReport, plan, record_plan_failures, same_source
 from avepipe.settings import SAMPLING_MODES, ExtractConfig
 from avepipe.version import __version__
 
@@ -104,6 +105,7 @@ def run_decode(paths: list[Path], out: str | os.PathLike, config: ExtractConfig,
                 if entry is not None:
                     entry.frames[message.second] = source.frames(message)
                     entry.filled += 1
+                    fault_point("decoded-second")
                     emit("seconds", {"id": entry.vid, "done": entry.filled, "total": entry.frames.shape[0]})
                 source.release(message)
             elif isinstance(message, Finished):
@@ -152,16 +154,52 @@ class DecodedSource:
                 yield Failed(task.vid, f"{task.path}: not in the decoded store {self.store.path} "
                                        f"(run `avepipe decode` on it first)")
                 continue
+            yield from self._video(task)
+
+    def _video(self, task: VideoTask) -> Iterator[Message]:
+        """One video's messages; a store entry of another (or a changed) file, and a store that became unreadable
+        (deleted, replaced by something else) mid-run, are one :class:`Failed` each, never an exception."""
+        try:
             f, group = self.store.read(task.vid)
-            try:
-                meta = {key: _plain(value) for key, value in group.attrs.items()}
-                frames = group["frames"]
-                yield Started(task.vid, meta)
-                for second in range(task.skip_seconds, frames.shape[0]):
-                    yield Second(task.vid, second, frames[second])
-                yield Finished(task.vid, group["examples"][()], {})
-            finally:
-                f.close()
+        except (OSError, KeyError) as exc:
+            yield Failed(task.vid, _gone(task, self.store.path, exc), transient=True)
+            return
+        try:
+            meta = {key: _plain(value) for key, value in group.attrs.items()}
+            problem = stale_entry(meta, Path(task.path))
+            if problem:
+                yield Failed(task.vid, f"{task.path}: {problem} in the decoded store {self.store.path}; run "
+                                       f"`avepipe decode` on this file again (into a new store, or after `avepipe "
+                                       f"cache rm`)")
+                return
+            frames = group["frames"]
+            yield Started(task.vid, meta)
+            for second in range(task.skip_seconds, frames.shape[0]):
+                yield Second(task.vid, second, frames[second])
+            yield Finished(task.vid, group["examples"][()], {})
+        except (OSError, KeyError) as exc:
+            yield Failed(task.vid, _gone(task, self.store.path, exc), transient=True)
+        finally:
+            f.close()
+
+
+def stale_entry(meta: dict[str, Any], path: Path) -> str | None:
+    """Why a store entry (source path, size and mtime, as the feature cache records them) does not hold the frames
+    of ``path`` now; None when it does."""
+    recorded = str(meta.get("source_path", ""))
+    if recorded and recorded != str(path.resolve()):
+        return f"its id is stored for another file ({recorded})"
+    if not same_source(meta, path):
+        return (f"the entry was decoded from an earlier version of this file (size {meta.get('source_size')}, "
+                f"mtime {meta.get('source_mtime')})")
+    return None
+
+
+def _gone(task: VideoTask, store: Path, exc: BaseException) -> str:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    if not store.exists():
+        why = "the store was deleted during the run"
+    return f"{task.path}: cannot read the decoded store {store} ({why}); the next run retries it"
 
 
 def _plain(value: Any) -> Any:

@@ -65,6 +65,10 @@ class SpecMismatchError(CacheError):
     """The cache was built with another feature spec than this run's."""
 
 
+class ResourceError(AvepipeError):
+    """The machine ran out of something the run needs (memory): not a bug; the message names the remedy."""
+
+
 class MediaError(AvepipeError):
     """A video that cannot be used. Per video: a batch records it and goes on (exit code 1 at the end).
 

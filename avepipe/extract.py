@@ -321,6 +321,9 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
         record_plan_failures(cache, paths, report)
         resumed = _resumable(todo, partial, backbones.spec(config.sampling)) if backbones is not None else {}
         report.resumed_seconds = sum(len(v) for v in resumed.values())
+        for text in partial.discarded:  # a damaged partial chunk (a kill mid-write): one warning, then resumed
+            report.warnings.append(text)
+            emit("warning", {"message": text})
         emit("start", {"total": report.total, "todo": len(todo), "skipped": len(report.skipped),
                        "previously_failed": len(report.previously_failed), "device": str(device),
                        "resumed_seconds": report.resumed_seconds})

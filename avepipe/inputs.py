@@ -1,7 +1,8 @@
 """Which files, which ids, which shard: the inputs of ``extract``, ``decode`` and ``localize``.
 
 A video's id is its file name without extension; two different files with one id are a usage error (ids key the
-cache). Hidden files (``.name``, e.g. macOS ``._x.mp4`` resource forks) found while walking a folder are skipped.
+cache). Hidden files (``.name``, e.g. macOS ``._x.mp4`` resource forks) found while walking a folder are skipped;
+FIFOs, broken symbolic links and link loops with a video extension are kept, and fail as videos with one line each.
 Shards are assigned by a hash of the id, stable across machines and Python runs.
 """
 
@@ -28,16 +29,34 @@ def discover(paths: Iterable[str | os.PathLike], list_file: str | os.PathLike | 
             lines = list_path.read_text().splitlines()
         except OSError as exc:
             raise UsageError(f"{list_path}: cannot read the list ({exc.strerror})") from None
-        entries = (line.strip() for line in lines)
-        items += [Path(s) if Path(s).is_absolute() else list_path.parent / s
-                  for s in entries if s and not s.startswith("#")]
+        items += [_listed(line, list_path.parent) for line in lines
+                  if line.strip() and not line.lstrip().startswith("#")]
     for item in items:
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS
+            # Every non-hidden entry with a video extension that is not a folder: a FIFO, a broken symbolic link or
+            # a link loop is kept too, and fails as that video with one line saying what it is (never skipped
+            # silently, never opened: a FIFO would block).
+            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in MEDIA_EXTENSIONS and not p.is_dir()
                             and not any(part.startswith(".") for part in p.relative_to(item).parts))
         else:
             found.append(item)  # a missing or bad file is reported per video, not as a usage error
     return found
+
+
+def _listed(line: str, base: Path) -> Path:
+    """One ``--list`` line as the path it names: taken as written (leading and trailing spaces are part of the name;
+    only a Windows line end is dropped). A name with spaces around it that does not exist while the name without them
+    does is that file (a hand-edited list); relative paths are relative to the list's folder."""
+    written = line.rstrip("\r")
+
+    def resolve(text: str) -> Path:
+        return Path(text) if Path(text).is_absolute() else base / text
+
+    path = resolve(written)
+    stripped = resolve(written.strip())
+    if written != written.strip() and not os.path.lexists(path) and os.path.lexists(stripped):
+        return stripped
+    return path
 
 
 def video_id(path: Path) -> str:

@@ -93,24 +93,93 @@ class MediaInfo:
 
 _INPUT_FORMAT = re.compile(r"Input #0, ([\w,]+?), from")
 _IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif", "apng"}
-_DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
-_STREAM = re.compile(r"Stream #0:(\d+)[^:]*:\s*(Video|Audio):(.*)")
+_DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")  # matched at the start of a structure line
+_STREAM = re.compile(r"Stream #0:(\d+)[^:]*:\s*(Video|Audio):(.*)")  # idem
 _SIZE = re.compile(r",\s(\d+)x(\d+)(?=[\s,\[]|$)")
 _FPS = re.compile(r"(\d+(?:\.\d+)?)\s(?:fps|tbr)")
 _RATE = re.compile(r"(\d+)\sHz")
 
 
-def _classify_open_error(path: str, stderr: str) -> MediaError:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    last = next((ln for ln in reversed(lines) if path in ln or "error" in ln.lower()), lines[-1] if lines else "")
-    text = stderr.lower()
+def ffmpeg_input(path: str | os.PathLike) -> str:
+    """``path`` as ffmpeg must be given a local file: absolute. A relative name with a colon (``10:30 meeting.mp4``,
+    ``2024-01-01T10:00:00.mp4``, ``pipe:3.mp4``) would be read by ffmpeg as ``<protocol>:<rest>`` (another file, a
+    file descriptor, a network URL); an absolute path starts with ``/`` and is always the file protocol."""
+    return os.path.abspath(os.fspath(path))
+
+
+def _without_path(text: str, path: str) -> str:
+    return text.replace(ffmpeg_input(path), "").replace(path, "")
+
+
+@dataclass(frozen=True)
+class _Report:
+    """ffmpeg's stderr split into the input description (the lines that state container and stream facts) and the
+    diagnostics (everything outside the Input/Output/Stream-mapping dump: warnings and errors).
+
+    ffmpeg prints the file's metadata (title, comment, any tag, verbatim, newlines included) inside that dump, so a tag
+    such as ``comment="Duration: 00:02:00.00"`` or ``"partial file"`` reads like ffmpeg's own words. Here every
+    ``Metadata:`` / ``Side data:`` block is dropped with all its lines (its entries, and the continuation lines of a
+    multi-line value, are indented deeper than its header), and the input's name is replaced by ``<input>`` (a file name
+    may hold a newline too): what is left of the dump is ffmpeg's own structure, and only its ``Duration:`` and
+    ``Stream #0:N`` lines are read. The static ffmpeg that imageio-ffmpeg ships has no ffprobe, so this description
+    is the one probe every install has; the packet facts (frame count, where the streams end) come from the
+    machine-readable framecrc lines of :func:`index`."""
+
+    structure: tuple[str, ...]
+    diagnostics: tuple[str, ...]
+
+    @property
+    def diagnostic_text(self) -> str:
+        return "\n".join(self.diagnostics)
+
+
+_INPUT_TOKEN = "<input>"
+_DUMP_STARTS = ("Input #", "Output #", "Stream mapping:")
+_SKIPPED_BLOCKS = ("Metadata:", "Side data:")
+
+
+def _split_report(stderr: str, path: str) -> _Report:
+    text = stderr.replace(ffmpeg_input(path), _INPUT_TOKEN)
+    if path:
+        text = text.replace(path, _INPUT_TOKEN)
+    structure: list[str] = []
+    diagnostics: list[str] = []
+    dump: str | None = None  # the dump being read: "input", "other" (output, stream mapping) or None
+    skip_deeper: int | None = None  # inside a metadata block: lines indented deeper than this are its own
+    for line in text.splitlines():
+        if line.startswith(_DUMP_STARTS):
+            dump, skip_deeper = ("input" if line.startswith("Input #") else "other"), None
+            if dump == "input":
+                structure.append(line)
+            continue
+        if dump is not None and line[:1] == " ":
+            indent = len(line) - len(line.lstrip(" "))
+            if skip_deeper is not None and indent > skip_deeper:
+                continue
+            skip_deeper = None
+            if line.strip() in _SKIPPED_BLOCKS:
+                skip_deeper = indent
+                continue
+            if dump == "input":
+                structure.append(line)
+            continue
+        dump = None
+        diagnostics.append(line)
+    return _Report(tuple(structure), tuple(diagnostics))
+
+
+def _classify_open_error(path: str, report: _Report) -> MediaError:
+    lines = [ln.strip() for ln in report.diagnostics if ln.strip()]
+    last = next((ln for ln in reversed(lines) if _INPUT_TOKEN in ln or "error" in ln.lower()),
+                lines[-1] if lines else "")
+    text = report.diagnostic_text.lower()
     if ("moov atom not found" in text and _looks_like_mp4(path)) or "partial file" in text or "truncat" in text:
         return CorruptMediaError(path, "container index missing or cut off (file truncated?)")
     if "moov atom not found" in text:
         return NotMediaError(path, "no MP4/MOV structure (ffmpeg guessed the format from the extension)")
     if "invalid data found" in text or "unknown format" in text or "could not find codec" in text:
         return NotMediaError(path, "ffmpeg cannot read it as audio/video")
-    return CorruptMediaError(path, last.replace(path, "").strip(" :") or "ffmpeg could not open it")
+    return CorruptMediaError(path, last.replace(_INPUT_TOKEN, "").strip(" :'") or "ffmpeg could not open it")
 
 
 def _looks_like_mp4(path: str) -> bool:
@@ -125,7 +194,8 @@ def probe(path: str | os.PathLike, require_video: bool = True) -> MediaInfo:
     ``require_video=False`` accepts audio-only files (a CML audio query); their video fields are -1 / 0."""
     path = _check_file(path)
     proc = subprocess.run(
-        [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", path], capture_output=True, text=True, errors="replace"
+        [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", ffmpeg_input(path)], capture_output=True, text=True,
+        errors="replace",
     )
     return _parse_header(path, proc.stderr, require_video)
 
@@ -133,7 +203,7 @@ def probe(path: str | os.PathLike, require_video: bool = True) -> MediaInfo:
 def _check_file(path: str | os.PathLike) -> str:
     path = str(path)
     if not os.path.isfile(path):
-        raise MissingFileError(path, "no such file" if not os.path.exists(path) else "not a regular file")
+        raise MissingFileError(path, _not_a_file(path))
     if not os.access(path, os.R_OK):
         raise MissingFileError(path, "permission denied")
     if os.path.getsize(path) == 0:
@@ -141,12 +211,34 @@ def _check_file(path: str | os.PathLike) -> str:
     return path
 
 
+def _not_a_file(path: str) -> str:
+    """What ``path`` is when it is not a regular file (nothing here opens it: a FIFO would block)."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return "no such file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not a regular file"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    return "not a regular file (a socket or device)"
+
+
 def _parse_header(path: str, stderr: str, require_video: bool = True) -> MediaInfo:
-    """The input description ffmpeg prints before it processes anything (``Input #0 ... Duration ... Stream #0:N``)."""
-    streams = [m for m in (_STREAM.search(ln) for ln in stderr.splitlines()) if m]
+    """The input description ffmpeg prints before it processes anything (``Input #0 ... Duration ... Stream #0:N``),
+    metadata excluded (see :class:`_Report`)."""
+    report = _split_report(stderr, path)
+    streams = [m for m in (_STREAM.match(ln.lstrip()) for ln in report.structure) if m]
     if not streams:
-        raise _classify_open_error(path, stderr)
-    container = _INPUT_FORMAT.search(stderr)
+        raise _classify_open_error(path, report)
+    container = _INPUT_FORMAT.search(report.structure[0]) if report.structure else None
     if container and (container.group(1) in _IMAGE_FORMATS or container.group(1).endswith("_pipe")):
         raise NotMediaError(path, f"a still image ({container.group(1)}), not a video")
     video = next((m for m in streams if m.group(2) == "Video" and "attached pic" not in m.group(3)), None)
@@ -160,7 +252,7 @@ def _parse_header(path: str, stderr: str, require_video: bool = True) -> MediaIn
         raise CorruptMediaError(path, "video stream has no frame size")
     fps_match = _FPS.search(video.group(3)) if video else None
     rate = _RATE.search(audio.group(3))
-    duration_match = _DURATION.search(stderr)
+    duration_match = next((m for m in (_DURATION.match(ln.lstrip()) for ln in report.structure) if m), None)
     if duration_match is None:
         raise CorruptMediaError(path, "no duration in the container (stream truncated?)")
     h, m, s = duration_match.groups()
@@ -210,16 +302,17 @@ def index(path: str | os.PathLike, timeout_s: float | None = None) -> MediaIndex
     path = _check_file(path)
     try:
         proc = subprocess.run(
-            [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", path, "-map", "0:V:0?", "-map", "0:a:0?",
+            [ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", ffmpeg_input(path), "-map", "0:V:0?", "-map", "0:a:0?",
              "-c", "copy", "-f", "framecrc", "-"],
             capture_output=True, errors="replace", text=True, timeout=timeout_s, check=False,
         )
     except subprocess.TimeoutExpired:
         raise StalledDecodeError(path, f"reading the packets took more than {timeout_s:g} s") from None
     info = _parse_header(path, proc.stderr)
-    fatal = _fatal_error(proc.stderr)
+    diagnostics = _split_report(proc.stderr, path).diagnostic_text  # the file's metadata is not ffmpeg's verdict
+    fatal = _fatal_error(diagnostics)
     if proc.returncode != 0 or fatal:
-        raise CorruptMediaError(path, fatal or _last_error(proc.stderr, path) or "cannot read the packets")
+        raise CorruptMediaError(path, fatal or _last_error(diagnostics, path) or "cannot read the packets")
     kinds: dict[int, str] = {}
     bases: dict[int, float] = {}
     ends = {"video": 0.0, "audio": 0.0}
@@ -284,7 +377,7 @@ def decode_glitches(stderr: str) -> int:
 
 def _last_error(stderr: str, path: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.lstrip().startswith(("frame=", "size="))]
-    return lines[-1].replace(path, "").strip(" :") if lines else ""
+    return _without_path(lines[-1], path).replace(_INPUT_TOKEN, "").strip(" :'") if lines else ""
 
 
 def _frame_buffer(width: int, height: int) -> tuple[memoryview, np.ndarray]:
@@ -319,7 +412,7 @@ class FramePipe:
                  size: tuple[int, int] | None = None):
         self.info = info
         self.width, self.height = size or (info.width, info.height)
-        stream = ffmpeg.input(info.path, noautorotate=None)[str(info.video_stream)]
+        stream = ffmpeg.input(ffmpeg_input(info.path), noautorotate=None)[str(info.video_stream)]
         for name, args, kwargs in filters or ():
             stream = stream.filter(name, *args, **kwargs)
         args = (
@@ -367,7 +460,7 @@ class FramePipe:
 def decode_audio(info: MediaInfo) -> tuple[np.ndarray, int]:
     """The audio track as float32 mono (mean of the channels, as VGGish's wav reader does) at its native rate."""
     args = (
-        ffmpeg.input(info.path)[str(info.audio_stream)]
+        ffmpeg.input(ffmpeg_input(info.path))[str(info.audio_stream)]
         .output("pipe:", format="wav", acodec="pcm_f32le", map_metadata=-1)
         .global_args("-hide_banner", "-nostdin", "-loglevel", "error")
         .compile(cmd=ffmpeg_binary())
@@ -435,9 +528,13 @@ class DecodeReport:
     glitches: int  # isolated decode errors ffmpeg skipped (a damaged packet), over both streams
 
 
-_STREAM_STATS = re.compile(r"Input stream #0:(\d+) \((\w+)\): \d+ packets read \(\d+ bytes\); (\d+) (?:frames|samples) "
-                           r"decoded;(?: \d+ decoded frames;)? (\d+) decode errors")
-_LEVEL = re.compile(r"\[(panic|fatal|error|warning|info|verbose)\]\s?")
+# ffmpeg's closing statistics (``-loglevel level+verbose``): "[verbose]   Input stream #0:0 (video): 75 packets read
+# (102169 bytes); 75 frames decoded; [0 decode errors]" (the error count from ffmpeg 6 on). Read only from a line that
+# starts with its own level tag: the file's metadata is printed verbatim at [info] (continuation lines of a multi-line
+# tag carry no tag at all), so a tag that copies this text is never taken for it.
+_STREAM_STATS = re.compile(r"\s*Input stream #0:(\d+) \((\w+)\): \d+ packets read \(\d+ bytes\); (?:(\d+) "
+                           r"(?:frames|samples) decoded;)?(?: \d+ decoded frames;)?(?: (\d+) decode errors)?")
+_LEVEL = re.compile(r"^(?:\[[^\]]*\] )?\[(panic|fatal|error|warning|info|verbose)\] ?")
 _PROBLEM_LEVELS = ("panic", "fatal", "error", "warning")
 
 
@@ -460,7 +557,8 @@ class Decoder:
         self.stalled = False
         read_fd, write_fd = os.pipe() if audio else (None, None)
         cmd = [ffmpeg_binary(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+verbose",
-               "-threads", str(max(1, threads)), "-noautorotate", "-i", info.path, "-map", f"0:{info.video_stream}"]
+               "-threads", str(max(1, threads)), "-noautorotate", "-i", ffmpeg_input(info.path),
+               "-map", f"0:{info.video_stream}"]
         if select is not None:
             cmd += ["-vf", f"select='{select.expression()}'"]
         cmd += ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
@@ -537,13 +635,15 @@ class Decoder:
         self.close()
         problems, stats = [], {}
         for line in b"".join(self._stderr).decode(errors="replace").splitlines():
-            level = _LEVEL.search(line)
-            text = _LEVEL.sub("", line, count=1)
-            if level and level.group(1) in _PROBLEM_LEVELS:
+            level = _LEVEL.match(line)
+            if level is None:
+                continue  # a continuation line (of a multi-line metadata value): ffmpeg's words start with a level
+            text = line[level.end():]
+            if level.group(1) in _PROBLEM_LEVELS:
                 problems.append(text)
-            found = _STREAM_STATS.search(text)
-            if found:
-                stats[found.group(2)] = (int(found.group(3)), int(found.group(4)))
+            found = _STREAM_STATS.match(text) if level.group(1) == "verbose" else None
+            if found and found.group(3) is not None:
+                stats[found.group(2)] = (int(found.group(3)), int(found.group(4) or 0))
         stderr = "\n".join(problems)
         if returncode < 0:
             raise InterruptedDecodeError(self.info.path, f"ffmpeg ended by signal {-returncode}")
