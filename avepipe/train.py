@@ -32,8 +32,8 @@ from avepipe.checkpoint import (
 )
 from avepipe.data import ave
 from avepipe.data.features import FeatureTable, load_feature_table
-from avepipe.data.tasks import RowSet, batches, build_rows, with_noisy_videos
 from avepipe.devices import resolve_device
+from avepipe.data.tasks import BATCH_ORDERS, RowSet, batches, build_rows, with_noisy_videos
 from avepipe.errors import DataError, DataWarning, TrainingError, UsageError
 from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
 from avepipe.models.layers import cml_decode_scores
@@ -80,7 +80,7 @@ def resolve_config(model_name: str, config_file: PathLike | None = None,
 
 # [train] keys the training loop reads for every model (models' defaults and presets may add more).
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "lr_gamma", "lr_milestones",
-              "lr_step", "grad_clip")
+              "lr_step", "grad_clip", "batch_order")
 
 
 def config_keys(model_name: str) -> dict[str, set[str]]:
@@ -118,6 +118,9 @@ def check_train_config(train_cfg: dict[str, Any]) -> None:
         value = train_cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{option} / [train] {key} must be a whole number of at least 1, not {value!r}")
+    if train_cfg.get("batch_order", "shuffled") not in BATCH_ORDERS:
+        raise UsageError(f"[train] batch_order must be one of {', '.join(BATCH_ORDERS)}, "
+                         f"not {train_cfg['batch_order']!r}")
     lr = train_cfg.get("lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise UsageError(f"--lr / [train] lr must be a finite number above 0, not {lr!r}")
@@ -386,6 +389,7 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     np.random.seed(options.seed)
     model = build_model(options.model, options.task, config["model"]).to(device)
     train_cfg = config["train"]
+    data.splits["train"].batch_order = train_cfg.get("batch_order", "shuffled")  # data.tasks.batches
     optimizer = _optimizer(model, train_cfg)
     scheduler = _scheduler(optimizer, train_cfg)
     shuffle = torch.Generator().manual_seed(options.seed)

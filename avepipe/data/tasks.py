@@ -28,13 +28,17 @@ class RowSet:
     event: torch.Tensor  # [N, S] float
     video_label: torch.Tensor  # [N] long
     mask: torch.Tensor  # [N, S] bool (real seconds)
+    # How training batches these rows (:func:`batches` with shuffle=True): "shuffled", or "released", the released
+    # AVEL scripts' order (dataloader.py get_batch(i): rows i*B .. i*B+B-1 in stored order, every epoch the same, and
+    # the ``len // B`` loop drops the leftover rows; in the weak split those are the last background videos).
+    batch_order: str = "shuffled"
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def to(self, device: torch.device | str) -> "RowSet":
         return RowSet(self.rows, self.video.to(device), self.labels.to(device), self.event.to(device),
-                      self.video_label.to(device), self.mask.to(device))
+                      self.video_label.to(device), self.mask.to(device), self.batch_order)
 
 
 def build_rows(annotations: Sequence[Annotation], rows: Sequence[int], categories: Sequence[str], table: FeatureTable,
@@ -74,10 +78,20 @@ def batch(table: FeatureTable, rowset: RowSet, index: torch.Tensor) -> dict[str,
     }
 
 
+BATCH_ORDERS = ("shuffled", "released")
+
+
 def batches(table: FeatureTable, rowset: RowSet, batch_size: int, *, shuffle: bool,
             generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``rowset``: all rows in stored order (``shuffle=False``, evaluation), or for training a fresh
+    permutation drawn from ``generator`` -- unless ``rowset.batch_order`` is "released": then the stored order and only
+    the ``len // batch_size`` full batches (the generator is not drawn from)."""
+    if rowset.batch_order not in BATCH_ORDERS:
+        raise ValueError(f"unknown batch_order {rowset.batch_order!r} (expected one of {', '.join(BATCH_ORDERS)})")
     n = len(rowset)
     device = rowset.video.device
+    if shuffle and rowset.batch_order == "released":
+        shuffle, n = False, n - n % batch_size
     order = torch.randperm(n, generator=generator).to(device) if shuffle else torch.arange(n, device=device)
     for start in range(0, n, batch_size):
         yield batch(table, rowset, order[start : start + batch_size])

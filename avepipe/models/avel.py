@@ -56,8 +56,11 @@ DEFAULT_CONFIG = {
 # table with file and line is in docs/models.md, "Presets".
 RELEASED = {
     "model": {"attention_form": "released", "init": "xavier", "loss": "released"},
-    # weak_supervised_main.py: 250 epochs and StepLR(15000 iterations) that never fires within them (55 iterations
-    # per epoch on 3,339 + 178 videos): no lr decay.
+    # dataloader.py get_batch(i) in a ``for i in range(len // batch_size)`` loop: the stored order every epoch, no
+    # shuffling, the leftover rows dropped (data.tasks.batches).
+    "train": {"batch_order": "released"},
+    # weak_supervised_main.py: 250 epochs and StepLR(15000 iterations) that never fires within them (3,517 // 64 = 54
+    # iterations per epoch on 3,339 + 178 videos: the last 61 background videos are never seen): no lr decay.
     "tasks": {"weak": {"train": {"epochs": 250, "lr_step": None}}},
 }
 

@@ -14,6 +14,7 @@ from avepipe.models.dmin_blocks import DenseAttention, MFBCorrelation
 from avepipe.models.registry import build_model, parameter_count, preset_overrides
 from avepipe.train import resolve_config
 from tests.models.common import SMALL_CONFIGS
+from tests.test_train import synthetic_run  # noqa: F401 (fixture)
 
 
 def released(name: str, task: str, **extra) -> dict:
@@ -287,3 +288,83 @@ def test_released_switches_are_only_in_the_released_preset(name):
                 "dmin": ("attention_bias", "mfb_dropout_at", "dima_dropout")}[name]
     for key in switches:
         assert paper[key] != released_cfg[key], key
+
+
+# ---- AVEL's released batch order ------------------------------------------------------------------------------------
+
+
+def _released_rows(n_train: int, n_noisy: int):
+    import numpy as np
+
+    from avepipe.data.features import FeatureTable
+    from avepipe.data.tasks import RowSet, with_noisy_videos
+
+    table = FeatureTable([f"v{i}" for i in range(n_train)], torch.zeros(n_train, 10, 1, 1, 1),
+                         torch.zeros(n_train, 10, 1), torch.ones(n_train, 10, dtype=torch.bool), None)
+    rows = RowSet(np.arange(n_train), torch.arange(n_train).flip(0), torch.full((n_train, 10), 28),
+                  torch.zeros(n_train, 10), torch.arange(n_train) % 28, torch.ones(n_train, 10, dtype=torch.bool))
+    if n_noisy:
+        table, rows = with_noisy_videos(table, rows, torch.zeros(n_noisy, 10, 1, 1, 1), torch.zeros(n_noisy, 10, 1),
+                                        torch.full((n_noisy,), 28))
+    return table, rows
+
+
+def test_avel_released_batch_order_is_the_stored_order_without_the_leftover():
+    """dataloader.py: ``get_batch(idx)`` reads rows ``idx * batch_size + i`` of the stored order (train_order.h5, then
+    the 178 background videos in their file's order for the weak task), called for ``i in range(len // batch_size)``:
+    every epoch the same 52 (supervised: 3,339 // 64) or 54 (weak: 3,517 // 64) batches; the weak epoch sees only the
+    first 117 background videos, all in its last two batches."""
+    from avepipe.data.tasks import batches
+
+    for n_noisy, n_batches in ((0, 52), (178, 54)):
+        table, rows = _released_rows(3339, n_noisy)
+        rows.batch_order = "released"
+        for _ in range(2):  # the same every epoch
+            seen = [b["video_label"] for b in batches(table, rows, 64, shuffle=True, generator=torch.Generator())]
+            assert len(seen) == n_batches and all(len(b) == 64 for b in seen)
+            expected = rows.video_label[: 64 * n_batches]  # rows idx * 64 + i, in stored order
+            torch.testing.assert_close(torch.cat(seen), expected)
+        if n_noisy:  # the train rows' labels are 0..27 here, so label 28 marks a background video
+            per_batch = [int((b == 28).sum()) for b in seen]
+            assert sum(per_batch) == 117 and [i for i, count in enumerate(per_batch) if count] == [52, 53]
+        rows.batch_order = "shuffled"
+        shuffled = list(batches(table, rows, 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+        assert sum(len(b["video_label"]) for b in shuffled) == len(rows)  # default: every row, shuffled
+        evaluation = list(batches(table, rows, 64, shuffle=False))
+        assert sum(len(b["video_label"]) for b in evaluation) == len(rows)
+    rows.batch_order = "sorted"
+    with pytest.raises(ValueError, match="batch_order"):
+        next(batches(table, rows, 64, shuffle=True))
+
+
+def test_avel_released_preset_trains_in_the_released_order(tmp_path, synthetic_run, monkeypatch):  # noqa: F811
+    """train() hands the preset's batch_order to the training rows: 32 train rows + 6 background videos, batch 5 ->
+    7 batches of the stored order, the last 3 background videos never seen."""
+    import shutil
+
+    import avepipe.train as train_module
+    from tests.test_train_fidelity import add_noisy_set
+
+    features, annotations = synthetic_run
+    folder = tmp_path / "ave"
+    shutil.copytree(annotations.parent, folder)
+    add_noisy_set(folder)
+    paths = train_module.DataPaths(str(features), str(folder / "Annotations.txt"))
+    seen = []
+    original = train_module.batches
+
+    def recording(table, rowset, batch_size, *, shuffle, generator=None):
+        for b in original(table, rowset, batch_size, shuffle=shuffle, generator=generator):
+            if shuffle:
+                seen.append((rowset.batch_order, b["video_label"].clone(), b["audio"].clone()))
+            yield b
+
+    monkeypatch.setattr(train_module, "batches", recording)
+    train_module.train(train_module.TrainOptions("avel", "weak", str(tmp_path / "run"), epochs=1, batch_size=5,
+                                                 device="cpu", preset="released"), paths)
+    data = train_module.load_task_data(paths, "weak", ("train",), torch.device("cpu"))
+    rows = data.splits["train"]
+    assert len(rows) == 38 and [order for order, _, _ in seen] == ["released"] * 7
+    torch.testing.assert_close(torch.cat([labels for _, labels, _ in seen]), rows.video_label[:35])
+    torch.testing.assert_close(torch.cat([audio for _, _, audio in seen]), data.table.audio[rows.video[:35]])
+    assert resolve_config("avel", preset="paper", task="weak")["train"].get("batch_order", "shuffled") == "shuffled"
