@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -105,6 +106,51 @@ def _write_error(where: Path, exc: OSError, needed: int = 0) -> CacheError:
         extra = f"; compaction needs about {needed / 1e6:.0f} MB free" if needed else ""
         return CacheError(f"no space left on the device of {where}: finished videos stay staged{extra}")
     return CacheError(f"cannot write {where}: {exc.strerror or exc}")
+
+
+SPACE_MARGIN = 1 << 20  # bytes kept free beyond what a write is known to need (HDF5's own metadata, the file system)
+_hdf5_write_failed = False
+
+
+def hdf5_write_failed() -> bool:
+    """Whether an HDF5 write of this process failed (a full disk). The HDF5 library may then crash when it closes its
+    files at interpreter exit (a segfault after the right message, seen with h5py 3 on a full disk); the command line
+    then ends the process without that cleanup (:func:`avepipe.cli.main`), its files already closed or discarded."""
+    return _hdf5_write_failed
+
+
+def ensure_space(where: Path, needed: int) -> None:
+    """Raise the disk-full :class:`CacheError` before an HDF5 file of about ``needed`` bytes is written under
+    ``where``: HDF5 reports a full disk from deep inside a write and leaves its file unusable, so it is better never
+    to let it get there."""
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed + SPACE_MARGIN:
+        raise CacheError(f"no space left on the device of {where}: {free / 1e6:.0f} MB free, about "
+                         f"{(needed + SPACE_MARGIN) / 1e6:.0f} MB needed; finished videos stay staged (free some space "
+                         f"and run the same command again)")
+
+
+def hdf5_write_error(where: Path, exc: Exception, needed: int = 0) -> CacheError:
+    """The one-line :class:`CacheError` for an HDF5 write that failed (h5py raises OSError or RuntimeError with the
+    system's errno in its text)."""
+    import errno
+
+    global _hdf5_write_failed
+    _hdf5_write_failed = True
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _write_error(where, exc, needed)
+    text = str(exc)
+    system = re.search(r"errno = (\d+), error message = '([^']*)'", text)  # HDF5's report of the failed write()
+    if system:
+        return _write_error(where, OSError(int(system.group(1)), system.group(2)), needed)
+    if "No space left" in text:
+        return _write_error(where, OSError(errno.ENOSPC, "No space left on device"), needed)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return CacheError(f"cannot write {where}: {first}")
 
 
 def _check_id(video_id: str) -> None:
@@ -246,6 +292,16 @@ def writer_of(path: str | os.PathLike) -> LockHolder | None:
             return None  # a file system without locks: nothing to tell
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     return None
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+    """The root ``format`` attribute of the store at ``path`` (``avepipe-cache``, ``avepipe-decoded``); None when
+    there is no such readable HDF5 file or it has none."""
+    try:
+        with h5py.File(os.path.realpath(path), "r") as f:
+            return _attr(f.attrs.get("format"))
+    except OSError:
+        return None
 
 
 class FeatureCache:
@@ -522,11 +578,16 @@ class FeatureCache:
         _check_id(video_id)
         final = self.staging / f"{video_id}{STAGED_SUFFIX}"
         tmp = _temp_name(self.staging, "entry")
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("visual", data=np.ascontiguousarray(visual, dtype=np.float32))
-            f.create_dataset("audio", data=np.ascontiguousarray(audio, dtype=np.float32))
-            for key, value in attrs.items():
-                f.attrs[key] = _storable(value)
+        ensure_space(self.staging, visual.size * 4 + audio.size * 4)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("visual", data=np.ascontiguousarray(visual, dtype=np.float32))
+                f.create_dataset("audio", data=np.ascontiguousarray(audio, dtype=np.float32))
+                for key, value in attrs.items():
+                    f.attrs[key] = _storable(value)
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise hdf5_write_error(self.staging, exc) from None
         fault_point("stage-entry")
         _replace_atomically(tmp, final)
         failed = self.staging / f"{video_id}{FAILED_SUFFIX}"
@@ -602,6 +663,18 @@ class FeatureCache:
         staged = set(self._staged_ids())
         failures = {**self._stored_failures(), **self._staged_failures()}
         tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}")
+        needed = self.staged_bytes() + (self.path.stat().st_size if self.path.exists() else 0)
+        ensure_space(self.path.parent, needed)
+        try:
+            self._write_compacted(tmp, staged, failures, spec, shard)
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise hdf5_write_error(self.path.parent, exc, needed) from None
+        fault_point("compact")
+        _replace_atomically(tmp, self.path)
+
+    def _write_compacted(self, tmp: Path, staged: set[str], failures: dict[str, dict[str, Any]],
+                         spec: dict[str, Any] | None, shard: tuple[int, int] | None) -> None:
         old = h5py.File(self.path, "r") if self.path.exists() else None
         try:
             with h5py.File(tmp, "w") as out:
@@ -638,8 +711,6 @@ class FeatureCache:
         finally:
             if old is not None:
                 old.close()
-        fault_point("compact")
-        _replace_atomically(tmp, self.path)
 
     def _stored_failures(self) -> dict[str, dict[str, Any]]:
         if not self.path.exists():

@@ -407,11 +407,13 @@ def cache_ls(
     cache: Annotated[Path, typer.Argument(help="Cache file.")],
     failed: Annotated[bool, typer.Option("--failed", help="List only the failures.")] = False,
 ) -> None:
-    """List the videos in a cache (and its recorded failures)."""
-    from avepipe.cache import FeatureCache
+    """List the videos in a cache or a decoded-frames store (and its recorded failures)."""
+    from avepipe.cache import FeatureCache, file_format
+    from avepipe.decoded import DecodedStore
     from avepipe.render import render_cache
 
-    render_cache(console, FeatureCache(cache, "r"), failed_only=failed)
+    kind = DecodedStore if file_format(cache) == DecodedStore.FORMAT else FeatureCache  # `avepipe decode`'s store too
+    render_cache(console, kind(cache, "r"), failed_only=failed)
 
 
 @cache_app.command("merge", cls=_Command, epilog=epilog("avepipe cache merge shard-0.h5 shard-1.h5 --out features.h5"))
@@ -860,7 +862,28 @@ def dataset_init(
 def main() -> None:
     # SIGTERM (docker stop, Kubernetes, SLURM) is handled like Ctrl-C: the same cleanup, finished work kept, exit 143.
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        _skip_hdf5_cleanup_after_a_failed_write(done.code)
+        raise
+
+
+def _skip_hdf5_cleanup_after_a_failed_write(code: Any) -> None:
+    """After an HDF5 write failed (a full disk), the HDF5 library can crash closing its files at interpreter exit
+    (exit 139 after the right message): the message is out and avepipe's files are closed or discarded, so the process
+    ends here, with its exit code, without that cleanup."""
+    import sys
+
+    cache = sys.modules.get("avepipe.cache")
+    if cache is None or not cache.hdf5_write_failed():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 

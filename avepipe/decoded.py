@@ -19,14 +19,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from avepipe.cache import FeatureCache
-from avepipe.decode import FRAME_SHAPE, DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
+from avepipe.cache import FeatureCache, ensure_space, hdf5_write_error
+from avepipe.decode import (
+    FRAME_SHAPE,
+    SECOND_BYTES,
+    DecodeSource,
+    Failed,
+    Finished,
+    Message,
+    Second,
+    Started,
+    VideoTask,
+)
 from avepipe.errors import UsageError
 from avepipe.faults import fault_point
 from avepipe.planning import BatchReport, plan, record_plan_failures, same_source
@@ -64,14 +75,33 @@ class _Entry:
     def __init__(self, store: DecodedStore, vid: str, meta: dict[str, Any]):
         self.vid, self.meta = vid, meta
         self.tmp, self.final = store.stage_paths(vid)
-        self.file = h5py.File(self.tmp, "w")
         seconds = int(meta["seconds"])
-        self.frames = self.file.create_dataset("frames", shape=(seconds, *FRAME_SHAPE), dtype=np.uint8,
-                                               chunks=(1, *FRAME_SHAPE))
+        # The whole entry's room is checked first: HDF5 reports a full disk from inside a write (see ensure_space).
+        ensure_space(store.staging, seconds * (SECOND_BYTES + 96 * 64 * 4))
+        self.file = None
+        with self.writing(store):
+            self.file = h5py.File(self.tmp, "w")
+            self.frames = self.file.create_dataset("frames", shape=(seconds, *FRAME_SHAPE), dtype=np.uint8,
+                                                   chunks=(1, *FRAME_SHAPE))
         self.filled = 0
+        self.store = store
+
+    @contextmanager
+    def writing(self, store: DecodedStore) -> Iterator[None]:
+        """HDF5 writes of this entry: a failure (a full disk) discards the entry and is one :class:`CacheError`."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            self.discard()
+            raise hdf5_write_error(store.staging, exc) from None
 
     def discard(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except (OSError, RuntimeError):
+                pass  # a file whose writes failed: its staging name is removed below, never trusted
+            self.file = None
         self.tmp.unlink(missing_ok=True)
 
 
@@ -103,7 +133,8 @@ def run_decode(paths: list[Path], out: str | os.PathLike, config: ExtractConfig,
             elif isinstance(message, Second):
                 entry = entries.get(message.vid)
                 if entry is not None:
-                    entry.frames[message.second] = source.frames(message)
+                    with entry.writing(store):
+                        entry.frames[message.second] = source.frames(message)
                     entry.filled += 1
                     fault_point("decoded-second")
                     emit("seconds", {"id": entry.vid, "done": entry.filled, "total": entry.frames.shape[0]})
@@ -111,12 +142,14 @@ def run_decode(paths: list[Path], out: str | os.PathLike, config: ExtractConfig,
             elif isinstance(message, Finished):
                 entry = entries.pop(message.vid)
                 seconds = entry.frames.shape[0]
-                entry.file.create_dataset("examples", data=message.examples)
                 attrs = {**entry.meta, **message.meta, "sampling": config.sampling, "avepipe_version": __version__,
                          "decoded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                for key, value in attrs.items():
-                    entry.file.attrs[key] = value
-                entry.file.close()
+                with entry.writing(store):
+                    entry.file.create_dataset("examples", data=message.examples)
+                    for key, value in attrs.items():
+                        entry.file.attrs[key] = value
+                    entry.file.close()
+                    entry.file = None
                 store.commit_staged(entry.vid, entry.tmp, entry.final)
                 store.maybe_compact()
                 report.done.append(entry.vid)

@@ -168,7 +168,17 @@ def render_device_results(console: Console, errors: Console, devices: list) -> N
 
 def render_cache(console: Console, reader, failed_only: bool = False) -> None:
     spec = reader.spec or {}
-    if not failed_only:
+    if not failed_only and getattr(reader, "FORMAT", "") == "avepipe-decoded":  # `avepipe decode`'s frames
+        entries = reader.all_attrs()
+        table = Table(title=f"{reader.path}: {len(entries)} decoded videos, sampling={spec.get('sampling', '?')}")
+        for column in ("id", "T", "duration", "frames", "decoded at", "source"):
+            table.add_column(column, justify="right" if column in ("T", "duration", "frames") else "left")
+        for vid, attrs in entries.items():
+            table.add_row(vid, str(attrs.get("seconds")), f"{float(attrs.get('duration', 0)):.2f}",
+                          str(attrs.get("frames_decoded", attrs.get("frames_indexed", ""))),
+                          str(attrs.get("decoded_at", "")), str(attrs.get("source_path", "")))
+        console.print(table)
+    elif not failed_only:
         entries = reader.all_attrs()
         table = Table(title=f"{reader.path}: {len(entries)} videos, sampling={spec.get('sampling', '?')}, "
                             f"audio={spec.get('audio', '?')}")

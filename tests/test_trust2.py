@@ -257,3 +257,80 @@ def test_row12_fifos_and_broken_links_in_a_walked_folder_fail_with_one_line_each
     assert "broken symbolic link" in report.failed["broken"] and "gone.mp4" in report.failed["broken"]
     assert "symbolic link loop" in report.failed["loop"]
     assert all("\n" not in error for error in report.failed.values())
+
+
+# -- row 8 ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", ['"two\nlines.mp4"', '"two\nlines"', '"cr\rname.mp4"'])
+def test_row8_dataset_init_refuses_a_line_break_in_a_file_name_naming_the_csv_line(tmp_path, cell):
+    from avepipe.data.from_csv import init_dataset
+    from avepipe.errors import DataError
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("two\nlines.mp4", "cr\rname.mp4", "c1.mp4", "c2.mp4"):
+        make_clip(videos / name, 2.0)
+    csv = tmp_path / "events.csv"
+    csv.write_text(f"c1.mp4,Fire,0,1\nc2.mp4,Dog,0,2\n{cell},Fire,0,1\n", newline="")
+    with pytest.raises(DataError) as error:
+        init_dataset(csv, videos, tmp_path / "mine")
+    assert str(error.value).startswith(f"{csv}: line 3: ") and "line break" in str(error.value)
+    assert "\n" not in str(error.value) and "\r" not in str(error.value)
+    assert not (tmp_path / "mine").exists()
+
+
+# -- row 13 -----------------------------------------------------------------------------------------------------------
+
+def test_row13_cache_ls_lists_a_decoded_store(tmp_path):
+    good = make_clip(tmp_path / "good.mp4", 1.0)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    store = tmp_path / "frames.h5"
+    run_decode([good, bad], store, ExtractConfig(workers=0))
+    listed = run_cli("cache", "ls", store)
+    assert listed.returncode == 0, listed.stderr
+    assert "1 decoded videos" in listed.stdout and "good" in listed.stdout and "bad" in listed.stdout
+    failed = run_cli("cache", "ls", store, "--failed")
+    assert failed.returncode == 0 and "bad" in failed.stdout and "good" not in failed.stdout
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # not a store of any kind: still refused with one line
+    refused = run_cli("cache", "ls", other)
+    assert refused.returncode == 2 and "internal error" not in refused.stderr
+
+
+# -- row 6 ------------------------------------------------------------------------------------------------------------
+
+def _limit_file_size() -> None:  # runs in the child: writes past 3 MB fail (EFBIG) as they would on a full disk
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+
+
+def test_row6_a_write_that_fails_inside_hdf5_is_one_line_and_no_crash_at_exit(tmp_path, media_dir):
+    # fire2.mp4 (2 s) needs 4.8 MB of frames: its HDF5 entry fails mid-write, from inside the library.
+    for run in range(2):
+        out = tmp_path / f"frames{run}.h5"
+        result = subprocess.run([sys.executable, "-m", "avepipe", "decode", str(media_dir / "fire2.mp4"), "--out",
+                                 str(out), "--workers", "0"], preexec_fn=_limit_file_size, capture_output=True,
+                                text=True, env={**os.environ, "COLUMNS": "200"})
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        assert "cannot write" in result.stderr and "File too large" in result.stderr
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+        assert not [p for p in (tmp_path / f"frames{run}.h5.staging").iterdir()]  # no half entry left
+
+
+def test_row6_a_full_disk_is_found_before_hdf5_writes(tmp_path, monkeypatch):
+    from avepipe.errors import CacheError
+
+    clip = make_clip(tmp_path / "clip.mp4", 2.0)
+    real = os.statvfs
+
+    class Full:
+        f_bavail, f_frsize = 256, 4096  # 1 MB free
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Full() if "frames" in str(path) else real(path))
+    with pytest.raises(CacheError, match="no space left on the device of .*MB free, about .*MB needed"):
+        run_decode([clip], tmp_path / "frames.h5", ExtractConfig(workers=0))
+    assert not [p for p in (tmp_path / "frames.h5.staging").iterdir()]

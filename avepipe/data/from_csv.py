@@ -17,7 +17,7 @@ Rules (each violation is one :class:`~avepipe.errors.DataError` naming the CSV l
   videos and masking the padding): events are annotated within ``0 <= start < end <= 10``, and ``end`` may not pass
   the video's whole seconds (probed with :func:`avepipe.media.probe`). Longer recordings: cut 10-s clips first.
 * Labels: at most 28 distinct (the models' 28 categories + background), none empty, none ``background``, none holding
-  ``&`` (the annotation separator); video ids may not hold ``&`` either.
+  ``&`` (the annotation separator); video ids may not hold ``&`` either, and video file names no line break.
 * Unknown videos, duplicate rows, one video in two splits, and a split with no video are refused.
 * Without a split column the split is deterministic: a video goes to train, val or test by a hash of its id (SHA-1:
   below 0.8 train, below 0.9 val, else test, about 80/10/10; all rows of a video together). A split left empty is
@@ -249,6 +249,11 @@ def _find_video(name: str, videos: Path, by_id: dict[str, Path], fail: Callable[
         raise fail(f"video {name!r}: no such file or video id in {videos}")
     if "&" in vid:
         raise fail(f"video id {vid!r} holds '&' (Annotations.txt separates fields with '&'); rename the file")
+    if any(brk in str(candidate) for brk in "\n\r"):
+        # Annotations.txt and the split files hold one row per line, videos.txt one path per line: a line break in a
+        # name would split its row in two, and `train` would refuse the files later.
+        raise fail(f"video {str(candidate)!r} holds a line break (the label files hold one row per line); rename "
+                   "the file")
     return candidate, vid
 
 
