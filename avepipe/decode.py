@@ -38,7 +38,16 @@ import numpy as np
 
 from avepipe import media
 from avepipe.backbones import logmel
-from avepipe.sampling import FRAMES_PER_SECOND, TooFewFramesError, TooShortError, ave_frame_indices, frame_interval
+from avepipe.sampling import (
+    FRAMES_PER_SECOND,
+    VFR_DRIFT_S,
+    TooFewFramesError,
+    TooShortError,
+    ave_frame_indices,
+    frame_drift,
+    frame_interval,
+    timestamp_frame_indices,
+)
 from avepipe.settings import DecodeConfig, default_workers
 
 FRAME_SHAPE = (FRAMES_PER_SECOND, media.FRAME_SIZE, media.FRAME_SIZE, 3)  # one second of selected frames
@@ -107,9 +116,14 @@ def decode_video(task: VideoTask, config: DecodeConfig, acquire: SlotSource = fr
             # formula); how much is missing is recorded, like audio_padded_s for a short sound track.
             "video_padded_s": round(max(0.0, info.seconds - idx.video_end), 3),
         }
+        indices = None
+        if config.sampling == "ave":
+            indices, drift = plan_frames(idx)
+            if drift is not None:  # VFR: recorded, so a user can see which entries were sampled by time
+                meta.update(frame_selection="timestamp", vfr_drift_s=round(drift, 3))
         yield Started(task.vid, meta)
         if config.sampling == "ave":
-            frames = _ave_seconds(idx, task, acquire, threads, config.stall_seconds)
+            frames = _ave_seconds(idx, indices, task, acquire, threads, config.stall_seconds)
         elif config.sampling == "fps":
             frames = _fps_seconds(info, task, acquire)
         else:
@@ -173,17 +187,27 @@ class SecondFiller:
         return done
 
 
-def _ave_seconds(idx: media.MediaIndex, task: VideoTask, acquire: SlotSource, threads: int,
+def plan_frames(idx: media.MediaIndex) -> tuple[np.ndarray, float | None]:
+    """The ``[T, 16]`` frame indices of ``--sampling ave`` and, for a VFR video, how far its timestamps drift from a
+    constant rate (None for a constant-rate video): the AVE formula by frame count for constant-rate videos (bit-exact
+    with the recipe), frames chosen by timestamp for VFR ones (:mod:`avepipe.sampling`)."""
+    times = idx.frame_times
+    if times is not None and len(times) == idx.frames:
+        drift = frame_drift(times)
+        if drift > VFR_DRIFT_S:
+            return timestamp_frame_indices(times, idx.info.duration), drift
+    return ave_frame_indices(idx.frames, idx.info.duration), None
+
+
+def _ave_seconds(idx: media.MediaIndex, indices: np.ndarray, task: VideoTask, acquire: SlotSource, threads: int,
                  stall_s: float) -> Iterator:
     info = idx.info
-    indices = ave_frame_indices(idx.frames, info.duration)
     flat = indices.reshape(-1)
     interval = int(indices[1, 0] - indices[0, 0]) if len(indices) > 1 else frame_interval(idx.frames, info.duration)
     residues = tuple(sorted({int(r) for r in indices[0] - indices[0, 0]}))
-    selection = media.FrameSelection(interval, residues, int(len(indices) * interval))
-    periodic = np.array_equal(indices, np.arange(len(indices))[:, None] * interval + indices[0])
-    if not periodic:  # cannot happen with the AVE formula; kept as a guard: then every frame leaves ffmpeg
-        selection = None
+    periodic = interval > 0 and np.array_equal(indices, np.arange(len(indices))[:, None] * interval + indices[0])
+    selection = media.FrameSelection(interval, residues, int(len(indices) * interval)) if periodic else None
+    # Not periodic (frames chosen by timestamp, a VFR video): every frame leaves ffmpeg and the wanted ones are kept.
     wanted = np.unique(flat) if periodic else np.arange(idx.frames)  # the frames ffmpeg lets out, in order
     decoder = media.Decoder(info, threads=threads, select=selection, stall_s=stall_s)
     filler = SecondFiller(task.vid, acquire, task.skip_seconds * FRAMES_PER_SECOND)

@@ -287,6 +287,9 @@ class MediaIndex:
     frames: int  # video frames a decoder returns: packets that carry data and are not discarded by an edit list
     video_end: float  # seconds: end of the last kept video packet
     audio_end: float  # seconds: end of the last audio packet
+    # Presentation times (seconds, sorted: the order a decoder returns the frames) of those frames; None when some
+    # packet has no timestamp. Used to detect a variable frame rate (avepipe.sampling.frame_drift).
+    frame_times: np.ndarray | None = None
 
 
 def index(path: str | os.PathLike, timeout_s: float | None = None) -> MediaIndex:
@@ -317,6 +320,7 @@ def index(path: str | os.PathLike, timeout_s: float | None = None) -> MediaIndex
     bases: dict[int, float] = {}
     ends = {"video": 0.0, "audio": 0.0}
     frames = 0
+    times: list[float] | None = []
     for line in proc.stdout.splitlines():
         if line.startswith("#"):
             head, _, value = line[1:].partition(":")
@@ -340,13 +344,19 @@ def index(path: str | os.PathLike, timeout_s: float | None = None) -> MediaIndex
             ends[kind] = max(ends[kind], (stamp + max(duration, 0)) * bases.get(stream, 0.0))
         if kind == "video":
             frames += 1
+            if times is not None:
+                if pts == _NOPTS:  # (a decode timestamp is not a presentation time: no VFR test then)
+                    times = None
+                else:
+                    times.append(pts * bases.get(stream, 0.0))
     if frames == 0:
         raise CorruptMediaError(path, "the video stream has no frames")
     end = max(ends.values())
     if end < info.duration - TRUNCATION_SLACK_S:
         raise CorruptMediaError(path, f"streams end at {end:.2f} s but the header says {info.duration:.2f} s "
                                       f"(file truncated?)")
-    return MediaIndex(info, frames, ends["video"], ends["audio"])
+    frame_times = np.sort(np.array(times, dtype=np.float64)) if times else None
+    return MediaIndex(info, frames, ends["video"], ends["audio"], frame_times)
 
 
 # ffmpeg messages that mean the stream is cut off or unreadable (ffmpeg may still exit 0 after printing them).

@@ -334,3 +334,57 @@ def test_row6_a_full_disk_is_found_before_hdf5_writes(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="no space left on the device of .*MB free, about .*MB needed"):
         run_decode([clip], tmp_path / "frames.h5", ExtractConfig(workers=0))
     assert not [p for p in (tmp_path / "frames.h5.staging").iterdir()]
+
+
+# -- row 11 -----------------------------------------------------------------------------------------------------------
+
+def _vfr_clip(path: Path) -> Path:
+    """4 s: 10 fps for the first 2 s, then 30 fps (what a phone does when the light changes)."""
+    subprocess.run([media.ffmpeg_binary(), "-y", "-hide_banner", "-loglevel", "error",
+                    "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30:duration=4",
+                    "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=4",
+                    "-vf", "select='gte(t\\,2)+not(mod(n\\,3))'", "-fps_mode", "vfr",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-t", "4", str(path)], check=True)
+    return path
+
+
+def test_row11_vfr_frames_are_chosen_by_timestamp_and_recorded(tmp_path):
+    import cv2
+
+    clip = _vfr_clip(tmp_path / "phone.mp4")
+    frames, _, meta = decode_file(clip)
+    assert meta["frame_selection"] == "timestamp" and meta["vfr_drift_s"] > 0.1
+    # The reference, independent of avepipe: every frame OpenCV returns with its own timestamp; frame i of second l is
+    # the frame on screen at l + i/16, resized as the recipe does.
+    capture = cv2.VideoCapture(str(clip))
+    decoded, stamps = [], []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        decoded.append(frame)
+        stamps.append(capture.get(cv2.CAP_PROP_POS_MSEC) / 1000)
+    capture.release()
+    assert len(decoded) == 20 + 60
+    stamps = np.array(stamps) - stamps[0]
+    want = np.empty_like(frames)
+    for second in range(4):
+        for i in range(16):
+            k = int(np.searchsorted(stamps, second + i / 16 + 1e-6, side="right") - 1)
+            assert second <= stamps[k] < second + 1  # second l's frames come from [l, l+1)
+            want[second, i] = cv2.resize(decoded[k], (224, 224), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
+    assert np.array_equal(frames, want)
+
+
+def test_row11_constant_rate_files_keep_the_ave_formula(tmp_path, media_dir):
+    from avepipe.sampling import ave_frame_indices
+
+    for clip in [make_clip(tmp_path / "cfr.mp4", 3.0, fps=30), media_dir / "fire2.mp4", media_dir / "chaplin.mp4"]:
+        idx = media.index(clip)
+        from avepipe.decode import plan_frames
+
+        indices, drift = plan_frames(idx)
+        assert drift is None, clip
+        assert np.array_equal(indices, ave_frame_indices(idx.frames, idx.info.duration))
+        _, _, meta = decode_file(clip)
+        assert "frame_selection" not in meta
