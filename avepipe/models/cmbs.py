@@ -12,7 +12,7 @@ source and lists the choices.
   query attends to the other modality's encoded sequence and to itself.
 * time-level background suppression: ``g^a = sigmoid(w_a . E_a)``, ``g^v = sigmoid(w_v . E_v)``; the visual stream
   is scaled by the audio gate and vice versa: ``x + alpha * g * x`` (supervised), ``(1 - alpha) x + alpha * g * x``
-  (weak).
+  (weak; ``weak_gates="own"``, the released weak wiring: each stream by its own encoder's gate).
 * event-level background suppression: class activation sequences per modality (top-k mean over time); supervised adds
   ``gamma`` * their mean to the category logits, weak scales the fused CAS by ``gamma * (sigmoid(cas_v) +
   sigmoid(cas_a))``.

@@ -18,6 +18,10 @@ block to its source and lists the choices.
   seconds, softmax, BCE against the video-level label: by default the paper's (Sec. 3) and the released
   ``prob_label.h5``, the share of event and of background seconds (``weak_target="proportion"``, :func:`event_share`);
   ``"video-label"``: the one-hot video label.
+* ``--preset released`` (what the released code computes; outputs equal to 1e-15, bench/released_parity.py):
+  ``attention_form="released"`` (AVGA adds the audio projection along the position axis), ``init="xavier"``, and for
+  the weak task ``weak_net="released"`` (weakly_model.py's own network: raw audio, ``linear_v``, no PSP output FC) with
+  ``renormalize=False``.
 """
 
 from __future__ import annotations
