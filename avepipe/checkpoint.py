@@ -88,8 +88,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The model of a checkpoint, rebuilt from its config and weights, in eval mode on ``map_location``."""
-    checkpoint = read_checkpoint(path, map_location)
+    """The model of a checkpoint, rebuilt from its config and weights, in eval mode on ``map_location``.
+
+    The file is read into host memory and the model then moved: tensors saved from ``cuda:3`` load on a machine with
+    one GPU (or none), and nothing is deserialised straight onto a device."""
+    checkpoint = read_checkpoint(path, "cpu")
     try:
         model = build_model(checkpoint["model"], checkpoint["task"], checkpoint["config"].get("model"))
         model.load_state_dict(checkpoint["state_dict"])

@@ -110,3 +110,48 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA compute capability 8.0 and later); before that torch
+    emulates it, slowly."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def exact_fp32() -> None:
+    """Switch TF32 off for this process: float32 convolutions, matmuls and RNNs on CUDA compute in float32.
+
+    torch lets cuDNN run float32 convolutions in TF32 (10-bit mantissa) by default on Ampere and later GPUs, which moves
+    VGG-19's pool5 by ~1e-4 relative and VGGish's embeddings by ~7e-4 (enough to flip PCA's uint8 codes); a cache that
+    says ``fp32`` must hold float32 results. Autocast (bf16/fp16) is unaffected."""
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the per-backend precision settings
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def cuda_rng_states() -> list[torch.Tensor] | None:
+    """The CUDA generators' states of every visible device (for a resumable checkpoint), None without CUDA."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def restore_cuda_rng(states: list[torch.Tensor] | None, device: torch.device) -> None:
+    """Restore the CUDA generator states a checkpoint saved, for the devices present.
+
+    A run resumed with another set of GPUs (another SLURM allocation, ``CUDA_VISIBLE_DEVICES``) restores the states
+    of the devices both runs have, and says once that the rest differ; a run on the CPU needs none of them. Never a
+    traceback: torch would raise an IndexError (or a deferred CUDA error an epoch later) for a state without its
+    device."""
+    if not states or device.type != "cuda":
+        return
+    present = torch.cuda.device_count()
+    for index, state in enumerate(states[:present]):
+        torch.cuda.set_rng_state(state, index)
+    if len(states) != present:
+        warnings.warn(DeviceWarning(
+            f"the checkpoint holds the random states of {len(states)} CUDA devices and this run has {present}: "
+            f"the states of cuda:0..cuda:{min(len(states), present) - 1} are restored, so dropout on "
+            f"{device} draws as in the interrupted run only if it is the same device index"), stacklevel=2)

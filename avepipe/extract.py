@@ -29,7 +29,7 @@ import torch
 from avepipe.backbones.extractor import (
     POOL5_SHAPE,
     Backbones,
-    VisualResult,
+    HostResult,
     check_weight_files,
     resolve_precision,
 )
@@ -117,7 +117,7 @@ class Batcher:
         self.buffers = [backbones.host_buffer(batch_seconds) for _ in range(2)]
         self.current = 0
         self.owners: list[tuple[str, int]] = []  # (video id, second) of each row of the filling buffer
-        self.in_flight: deque[tuple[VisualResult, list[tuple[str, int]]]] = deque()
+        self.in_flight: deque[tuple[HostResult, list[tuple[str, int]]]] = deque()
 
     def add(self, vid: str, second: int, frames: np.ndarray) -> None:
         buffer = self.buffers[self.current]
@@ -142,6 +142,10 @@ class Batcher:
         features = result.get()
         for row, (vid, second) in enumerate(owners):
             self.deliver(vid, second, features[row])
+        self.collected()
+
+    def collected(self) -> None:
+        """Called after each batch has come back (the device has got that far): a hook for the owner."""
 
     def flush(self) -> None:
         self.submit()
@@ -177,7 +181,11 @@ class Run:
         self.entry_attrs = backbones.entry_attrs(config.sampling)
         batch_frames = config.batch_size or (128 if backbones.device.type == "cuda" else 32)
         self.batcher = Batcher(backbones, max(1, batch_frames // FRAMES_PER_SECOND), self.deliver)
+        self.batcher.collected = self.finish_ready
         self.videos: dict[str, VideoState] = {}
+        # Videos whose VGGish embeddings are on their way back (queued on the device behind the visual batches): the
+        # feed goes on, and they are written once the device has got there.
+        self.finishing: deque[tuple[str, VideoState, HostResult]] = deque()
 
     def consume(self, messages: Iterable[Message], source: DecodeSource | None) -> None:
         for message in messages:
@@ -199,6 +207,7 @@ class Run:
         self.batcher.flush()
         for vid in [v for v, s in self.videos.items() if s.complete]:
             self.maybe_finish(vid)
+        self.finish_ready(wait=True)
         for vid in list(self.videos):  # decoded, but some second never came: a decoder bug, not the user's file
             self.fail(vid, f"{self.todo[vid]}: internal error: {self.videos[vid].filled} of "
                            f"{len(self.videos[vid].visual)} seconds were decoded")
@@ -235,8 +244,17 @@ class Run:
         if state is None or not state.complete:
             return
         del self.videos[vid]
+        self.finishing.append((vid, state, self.backbones.audio_async(state.finished.examples)))
+        self.finish_ready()
+
+    def finish_ready(self, wait: bool = False) -> None:
+        """Write the videos whose embeddings have arrived, in the order they finished (all of them with ``wait``)."""
+        while self.finishing and (wait or self.finishing[0][2].ready()):
+            vid, state, result = self.finishing.popleft()
+            self.write(vid, state, result.get())
+
+    def write(self, vid: str, state: VideoState, audio: np.ndarray) -> None:
         finished = state.finished
-        audio = self.backbones.audio(finished.examples)
         attrs = {**state.meta, **finished.meta, **self.entry_attrs,
                  "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.writer.put(vid, state.visual, audio, attrs)

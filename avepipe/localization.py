@@ -214,7 +214,11 @@ class CheckpointLabeller:
         self.task = self.ckpt["task"]
         self.direction = self.ckpt.get("direction")
         self.feature_spec = json.loads(self.ckpt.get("feature_spec") or "{}")
-        self.known = torch.tensor(known_classes(self.ckpt), device=device)
+        self.known = known_classes(self.ckpt)
+        unknown = torch.ones(BACKGROUND + 1, dtype=torch.bool)
+        unknown[self.known] = False
+        # None when the checkpoint names every class; decided here, on the host, not once per video on the device
+        self.unknown = unknown.to(device) if bool(unknown.any()) else None
         self.description = f"{self.ckpt['model']} {self.task}"
 
     def name(self, index: int) -> str:
@@ -233,16 +237,24 @@ class CheckpointLabeller:
         pred = self.model.predict(out, self.task)  # [W, L]
         probs, event = second_probabilities(self.model, out, self.task)
         top_p, top_i = probs.topk(min(3, len(self.known)), dim=-1)
+        # Each second's row of the window that owns it, packed into one float32 table on the device and read once
+        # (class indices < 29 are exact in float32): one device->host sync per video, not several per second.
+        owners = window_owner(seconds, starts)
+        rows = torch.tensor(owners), torch.tensor([s - starts[w] for s, w in enumerate(owners)])
+        label = pred[rows].long()
+        packed = torch.cat([label[:, None].float(), event[rows][:, None].float(),
+                            probs[rows].gather(1, label[:, None]).float(), top_p[rows].float(), top_i[rows].float()],
+                           dim=1).cpu().tolist()
+        k = top_p.shape[-1]
         records = []
-        for s, w in enumerate(window_owner(seconds, starts)):
-            t = s - starts[w]
-            label = int(pred[w, t])
+        for s, row in enumerate(packed):
+            label = int(row[0])
             records.append(SecondLabel(
                 start=s, end=s + 1, label=self.name(label),
-                event_probability=_event_side(float(event[w, t]), label == BACKGROUND),
-                probability=round(float(probs[w, t, label]), 4),
-                top3=[{"label": self.name(int(i)), "probability": round(float(p), 4)}
-                      for p, i in zip(top_p[w, t].tolist(), top_i[w, t].tolist())],
+                event_probability=_event_side(row[1], label == BACKGROUND),
+                probability=round(row[2], 4),
+                top3=[{"label": self.name(int(i)), "probability": round(p, 4)}
+                      for p, i in zip(row[3:3 + k], row[3 + k:3 + 2 * k])],
             ))
         return records
 
@@ -250,9 +262,8 @@ class CheckpointLabeller:
         """Class scores of classes the checkpoint does not name set to -inf (a model trained on a subset of the
         categories has untrained outputs for the others; they must not win). Class scores are the outputs whose last
         dimension is 29 (all classes) or 28 (event categories)."""
-        unknown = torch.ones(BACKGROUND + 1, dtype=torch.bool, device=self.device)
-        unknown[self.known] = False
-        if not unknown.any():
+        unknown = self.unknown
+        if unknown is None:
             return out
         masked = dict(out)
         for key, value in out.items():

@@ -32,8 +32,8 @@ from avepipe.checkpoint import (
 )
 from avepipe.data import ave
 from avepipe.data.features import FeatureTable, load_feature_table
-from avepipe.devices import resolve_device
 from avepipe.data.tasks import BATCH_ORDERS, RowSet, batches, build_rows, with_noisy_videos
+from avepipe.devices import cuda_rng_states, resolve_device, restore_cuda_rng
 from avepipe.errors import DataError, DataWarning, TrainingError, UsageError
 from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
 from avepipe.models.layers import cml_decode_scores
@@ -404,8 +404,7 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
         scheduler.load_state_dict(saved["scheduler"])
         shuffle.set_state(saved["shuffle_rng"])
         torch.set_rng_state(saved["torch_rng"])
-        if saved.get("cuda_rng") is not None and torch.cuda.is_available():  # dropout on the GPU draws from these
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        restore_cuda_rng(saved.get("cuda_rng"), device)  # dropout on the GPU draws from these
         state = saved["progress"]
     (out / "config.json").write_text(json.dumps({"model": options.model, "task": options.task,
                                                  "direction": options.direction, "seed": options.seed,
@@ -419,23 +418,27 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     for epoch in range(state["epoch"] + 1, epochs + 1):
         model.train()
         started = time.perf_counter()
-        total, count = 0.0, 0
-        for step, b in enumerate(batches(data.table, data.splits["train"], batch_size, shuffle=True,
-                                         generator=shuffle), start=1):
+        # Losses are summed on the device and read once per epoch (a float() per step would wait for the GPU at
+        # every step); a non-finite loss is found at the epoch's end, and nothing of that epoch is saved.
+        losses, sizes = [], []
+        for b in batches(data.table, data.splits["train"], batch_size, shuffle=True, generator=shuffle):
             if options.should_stop is not None and options.should_stop():
                 raise KeyboardInterrupt  # at a batch boundary: last.pt holds the last finished epoch
             optimizer.zero_grad(set_to_none=True)
             loss = model.loss(forward(model, b, options.task, options.direction), b, options.task)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise diverged(out, epoch, f"the loss of batch {step} is {value}")
             loss.backward()
             if train_cfg.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(train_cfg["grad_clip"]))
             optimizer.step()
-            total += value * len(b["labels"])
-            count += len(b["labels"])
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            losses.append(loss.detach())
+            sizes.append(len(b["labels"]))
+        per_batch = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+        bad = (~torch.isfinite(per_batch)).nonzero()
+        if len(bad):
+            step = int(bad[0, 0]) + 1
+            raise diverged(out, epoch, f"the loss of batch {step} is {float(per_batch[step - 1])}")
+        total, count = float((per_batch * torch.tensor(sizes, dtype=torch.float64)).sum()), sum(sizes)
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
             raise diverged(out, epoch, "the weights hold NaN or inf after its last batch")
         scheduler.step()
         val = evaluate_split(model, data, "val", options.task, options.direction)
@@ -462,7 +465,7 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
                                        metrics={}, seed=options.seed)
         resume_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             shuffle_rng=shuffle.get_state(), torch_rng=torch.get_rng_state(), progress=state,
-                            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                            cuda_rng=cuda_rng_states())
         save_checkpoint(resume_state, last_path)
         if on_epoch:
             on_epoch({**record, "epochs": epochs, "best": state["best"], "improved": improved, "metric": metric})

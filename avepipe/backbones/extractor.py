@@ -13,6 +13,7 @@ one go. Callers that may have nothing to extract (``extract`` and ``localize`` o
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from avepipe.backbones import vggish as vggish_mod
 from avepipe.backbones import weights as weights_mod
 from avepipe.backbones.vgg19 import load_vgg19
+from avepipe.devices import exact_fp32, native_bf16
 from avepipe.errors import UsageError, WeightsError
 from avepipe.sampling import FRAMES_PER_SECOND
 from avepipe.settings import BackboneConfig
@@ -33,9 +35,12 @@ POOL5_SHAPE = (7, 7, 512)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32."""
+    """The autocast dtype, or None for float32. ``auto`` is bf16 only on a GPU that computes bf16 natively (compute
+    capability 8.0 and later: A100, H100, L4, RTX 30xx ...); before that (V100, T4) bf16 is emulated and slow, and fp16
+    overflows are possible on VGG-19's unscaled 0..255 input, so ``auto`` is fp32 there (``--precision fp16`` asks
+    for fp16 explicitly). On the CPU ``auto`` is fp32."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in table:
         raise UsageError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
@@ -45,16 +50,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 @dataclass
-class VisualResult:
-    """Features of one submitted batch; ``get()`` waits for the device only when called."""
+class HostResult:
+    """Features of one submitted batch, on their way to the host; ``get()`` waits for the device only when called."""
 
-    features: torch.Tensor  # [k, 7, 7, 512] float32, host (pinned on CUDA)
-    done: Any = None  # a CUDA event, None on the CPU
+    features: torch.Tensor  # [k, ...] float32, host (pinned on CUDA: written by an asynchronous copy)
+    done: Any = None  # a CUDA event recorded on the stream of the device that did the work; None on the CPU
+    keep: Any = None  # the pinned input of the upload, alive until the copies are done
+
+    def ready(self) -> bool:
+        """True when ``get()`` will not wait."""
+        return self.done is None or self.done.query()
 
     def get(self) -> np.ndarray:
         if self.done is not None:
             self.done.synchronize()
+            self.keep = None
         return self.features.numpy()
+
+
+VisualResult = HostResult  # the name the null backbone of bench/extract_throughput.py uses
 
 
 def weight_files(config: BackboneConfig, visual: bool = True) -> dict[str, Path]:
@@ -94,9 +108,13 @@ class Backbones:
     only when there is something to extract."""
 
     def __init__(self, config: BackboneConfig, device: torch.device, visual: bool = True):
+        if device.type == "cuda" and device.index is None:  # "cuda": the current device, named once for all
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.config = config
         self.autocast = resolve_precision(config.precision, device)
+        if device.type == "cuda":
+            exact_fp32()  # no TF32: float32 work (VGGish always, VGG-19 with --precision fp32) is float32
         check_weight_files(config, visual)  # every missing file in one message, before seconds of loading
         self.vggish, self.vggish_info, self.pca_info = self._load_vggish(config, device)
         self.vggish.eval()
@@ -177,6 +195,7 @@ class Backbones:
             "vggish_official": self.vggish_info.official,
             "vggish_pca": self.config.pca,
             "precision": "fp32" if self.autocast is None else str(self.autocast).replace("torch.", ""),
+            "fp32_math": "ieee",  # float32 work in IEEE float32 (TF32 is switched off on CUDA)
             "device": self.device.type, "avepipe_version": __version__, "torch_version": torch.__version__,
         }
         if self.pca_info is not None:
@@ -188,40 +207,67 @@ class Backbones:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast)
 
+    def _on_device(self):
+        """The device guard of every CUDA call: pinned allocations, events and the current stream belong to
+        ``self.device`` (not to the process's current device, cuda:0 unless someone set it)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def host_buffer(self, seconds: int) -> torch.Tensor:
         """A uint8 ``[seconds, 16, 224, 224, 3]`` host buffer to fill with frames (pinned on CUDA: async copies)."""
         buffer = torch.empty((seconds, FRAMES_PER_SECOND, 224, 224, 3), dtype=torch.uint8)
-        return buffer.pin_memory() if self.device.type == "cuda" else buffer
+        if self.device.type != "cuda":
+            return buffer
+        with self._on_device():
+            return buffer.pin_memory()
+
+    def _to_host(self, result: torch.Tensor, keep: Any = None) -> HostResult:
+        """Start the copy of a device result into pinned host memory; the returned handle waits for it on demand."""
+        if self.device.type != "cuda":
+            return HostResult(result)
+        host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(result, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))  # the stream the copies and kernels were queued on
+        return HostResult(host, event, keep)
 
     @torch.inference_mode()
-    def visual_async(self, frames: torch.Tensor) -> VisualResult:
+    def visual_async(self, frames: torch.Tensor) -> HostResult:
         """uint8 ``[k, 16, 224, 224, 3]`` host frames -> per-second pool5 means ``[k, 7, 7, 512]`` float32.
 
         On CUDA the copies are asynchronous: ``frames`` may be refilled once the returned result is ``get()``-able
         (the input copy precedes the compute on the same stream, and ``get()`` waits for the output copy)."""
         k = frames.shape[0]
         batch = frames.reshape(-1, *frames.shape[2:])
-        if self.device.type == "cuda":
-            batch = batch.to(self.device, non_blocking=True)
-        with self._autocast():
-            pool5 = self.vgg19(batch)
-        means = pool5.float().reshape(k, FRAMES_PER_SECOND, *pool5.shape[1:]).mean(dim=1)
-        if self.device.type != "cuda":
-            return VisualResult(means)
-        host = torch.empty(means.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(means, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return VisualResult(host, event)
+        with self._on_device():
+            if self.device.type == "cuda":
+                batch = batch.to(self.device, non_blocking=True)
+            with self._autocast():
+                pool5 = self.vgg19(batch)
+            means = pool5.float().reshape(k, FRAMES_PER_SECOND, *pool5.shape[1:]).mean(dim=1)
+            return self._to_host(means)
 
     def visual(self, frames: np.ndarray) -> np.ndarray:
         """uint8 ``[k, 16, 224, 224, 3]`` -> per-second pool5 means float32 ``[k, 7, 7, 512]`` (synchronous)."""
         tensor = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
+            with self._on_device():
+                tensor = tensor.pin_memory()
         return self.visual_async(tensor).get()
 
     @torch.inference_mode()
+    def audio_async(self, examples: np.ndarray) -> HostResult:
+        """log-mel examples [T, 96, 64] -> embeddings float32 [T, 128] (VGGish in float32: it is cheap), without
+        waiting for the device: the examples go up from pinned memory (a pageable upload would wait for the visual
+        batch in flight) and the embeddings come back like the visual features."""
+        tensor = torch.from_numpy(np.ascontiguousarray(examples, dtype=np.float32))
+        with self._on_device():
+            if self.device.type == "cuda":
+                tensor = tensor.pin_memory()
+                batch = tensor.to(self.device, non_blocking=True)
+            else:
+                batch = tensor
+            return self._to_host(self.vggish(batch).float(), keep=tensor)
+
     def audio(self, examples: np.ndarray) -> np.ndarray:
-        """log-mel examples [T, 96, 64] -> embeddings float32 [T, 128] (VGGish in float32: it is cheap)."""
-        return self.vggish(torch.from_numpy(examples).to(self.device)).float().cpu().numpy()
+        """log-mel examples [T, 96, 64] -> embeddings float32 [T, 128] (synchronous)."""
+        return self.audio_async(examples).get()

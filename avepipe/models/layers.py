@@ -21,9 +21,11 @@ def lengths_from_mask(mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask must be bool [B, T], got {mask.dtype} {tuple(mask.shape)}")
     lengths = mask.sum(1)
     prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
-    if not torch.equal(prefix, mask):
+    # Both checks in one device->host read (on a GPU each read waits for the work queued before it).
+    is_prefix, non_empty = torch.stack([(prefix == mask).all(), (lengths > 0).all()]).tolist()
+    if not is_prefix:
         raise ValueError("mask must mark a prefix of real seconds in every row (padding only at the end)")
-    if (lengths == 0).any():
+    if not non_empty:
         raise ValueError("every video needs at least one real second")
     return lengths
 
