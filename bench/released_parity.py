@@ -165,11 +165,14 @@ def avel(root: Path, task: str, batch: int, seed: int):
     with torch.no_grad():
         out = model(visual, audio, mask)
         if task == "supervised":
-            pairs = {"softmax(segment_logits)": (out["segment_logits"].softmax(-1), released(audio, visual))}
+            probs = released(audio, visual)
+            pairs = {"softmax(segment_logits)": (out["segment_logits"].softmax(-1), probs),
+                     "predict (argmax, supervised_main.py compute_acc)": (model.predict(out, task), probs.argmax(-1))}
         else:
             probs, score = released(audio, visual)
             pairs = {"segment_logits": (out["segment_logits"], score),
-                     "softmax(video_logits)": (out["video_logits"].softmax(-1), probs)}
+                     "softmax(video_logits)": (out["video_logits"].softmax(-1), probs),
+                     "predict (argmax, weak_supervised_main.py val)": (model.predict(out, task), score.argmax(-1))}
     return model, released, unused, pairs
 
 
@@ -193,11 +196,13 @@ def psp(root: Path, task: str, batch: int, seed: int):
         out = model(visual, audio, mask)
         if task == "supervised":
             _, logits, cosine = released(audio.clone(), visual.clone(), threshold)
-            pairs = {"segment_logits": (out["segment_logits"], logits), "avps (cosine)": (out["avps"], cosine)}
+            pairs = {"segment_logits": (out["segment_logits"], logits), "avps (cosine)": (out["avps"], cosine),
+                     "predict (argmax, measure.py compute_acc)": (model.predict(out, task), logits.argmax(-1))}
         else:
             probs, score = released(audio.clone(), visual.clone(), threshold)
             pairs = {"segment_logits": (out["segment_logits"], score),
-                     "softmax(video_logits)": (out["video_logits"].softmax(-1), probs)}
+                     "softmax(video_logits)": (out["video_logits"].softmax(-1), probs),
+                     "predict (argmax, measure.py compute_acc)": (model.predict(out, task), score.argmax(-1))}
     return model, released, unused, pairs
 
 
@@ -251,22 +256,25 @@ def cmbs(root: Path, task: str, batch: int, seed: int):
         out = model(visual, audio, mask)
         if task == "supervised":
             is_event, category, gate, av_score = released(visual.clone(), audio.clone())
-            pairs = {"event_logits": (out["event_logits"], is_event.squeeze(-1).transpose(0, 1)),
+            is_event = is_event.squeeze(-1).transpose(0, 1)
+            pairs = {"event_logits": (out["event_logits"], is_event),
                      "category_logits": (out["category_logits"], category),
                      "av_gate": (out["av_gate"], gate.squeeze(-1).transpose(0, 1)),
-                     "av_score": (out["av_score"], av_score)}
+                     "av_score": (out["av_score"], av_score),
+                     "predict (supv_main.py rule)": (model.predict(out, task), released_rule(is_event, category))}
         else:
             av_gate, raw, probs = released(visual.clone(), audio.clone())
             pairs = {"av_gate": (out["av_gate"], av_gate), "video_scores": (out["video_scores"], raw),
                      "softmax(video_logits)": (out["video_logits"].softmax(-1), probs),
-                     "predict (released rule)": (model.predict(out, "weak").double(), released_rule(av_gate, raw))}
+                     "predict (weakly_main.py rule)": (model.predict(out, task), released_rule(av_gate, raw))}
     return model, released, unused, pairs
 
 
-def released_rule(av_gate: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-    """weakly_main.py compute_accuracy_supervised(is_event_scores, raw_logits): sigmoid > 0.5 -> the video class."""
-    video_class = raw.argmax(-1)[:, None].expand_as(av_gate)
-    return torch.where(torch.sigmoid(av_gate) > 0.5, video_class, torch.full_like(video_class, 28)).double()
+def released_rule(is_event: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``compute_accuracy_supervised(is_event_scores, event_scores, labels)`` of the CMBS and DMIN scripts, written out:
+    a second is the argmax of the video's ``event_scores`` where ``sigmoid(is_event_scores) > 0.5``, else 28."""
+    video_class = scores.argmax(-1)[:, None].expand_as(is_event)
+    return torch.where(torch.sigmoid(is_event) > 0.5, video_class, torch.full_like(video_class, 28))
 
 
 def dmin(root: Path, task: str, batch: int, seed: int):
@@ -311,15 +319,18 @@ def dmin(root: Path, task: str, batch: int, seed: int):
         out = model(visual, audio, mask)
         if task == "supervised":
             relevance, category, visual_category = released(visual.clone(), audio.clone())
-            pairs = {"relevance_logits": (out["relevance_logits"], relevance.squeeze(-1).transpose(0, 1)),
+            relevance = relevance.squeeze(-1).transpose(0, 1)
+            pairs = {"relevance_logits": (out["relevance_logits"], relevance),
                      "category_logits": (out["category_logits"], category),
-                     "visual_category_logits": (out["visual_category_logits"], visual_category)}
+                     "visual_category_logits": (out["visual_category_logits"], visual_category),
+                     "predict (supv_main.py rule)": (model.predict(out, task), released_rule(relevance, category))}
         else:
             relevance, raw, probs, probs_self = released(visual.clone(), audio.clone())
             pairs = {"relevance_logits": (out["relevance_logits"], relevance),
                      "category_logits": (out["category_logits"], raw),
                      "softmax(video_logits)": (out["video_logits"].softmax(-1), probs),
-                     "softmax(video_logits_visual)": (out["video_logits_visual"].softmax(-1), probs_self)}
+                     "softmax(video_logits_visual)": (out["video_logits_visual"].softmax(-1), probs_self),
+                     "predict (weakly_main.py rule)": (model.predict(out, task), released_rule(relevance, raw))}
     return model, released, unused, pairs
 
 
