@@ -28,9 +28,10 @@ class RowSet:
     event: torch.Tensor  # [N, S] float
     video_label: torch.Tensor  # [N] long
     mask: torch.Tensor  # [N, S] bool (real seconds)
-    # How training batches these rows (:func:`batches` with shuffle=True): "shuffled", or "released", the released
-    # AVEL scripts' order (dataloader.py get_batch(i): rows i*B .. i*B+B-1 in stored order, every epoch the same, and
-    # the ``len // B`` loop drops the leftover rows; in the weak split those are the last background videos).
+    # How training batches these rows (:func:`batches` with shuffle=True): "shuffled", "shuffled-full" (the leftover
+    # rows dropped), or "released", the released AVEL scripts' order (dataloader.py get_batch(i): rows i*B .. i*B+B-1
+    # in stored order, every epoch the same, and the ``len // B`` loop drops the leftover rows; in the weak split those
+    # are the last background videos).
     batch_order: str = "shuffled"
 
     def __len__(self) -> int:
@@ -78,14 +79,15 @@ def batch(table: FeatureTable, rowset: RowSet, index: torch.Tensor) -> dict[str,
     }
 
 
-BATCH_ORDERS = ("shuffled", "released")
+BATCH_ORDERS = ("shuffled", "released", "shuffled-full")
 
 
 def batches(table: FeatureTable, rowset: RowSet, batch_size: int, *, shuffle: bool,
             generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``rowset``: all rows in stored order (``shuffle=False``, evaluation), or for training a fresh
     permutation drawn from ``generator`` -- unless ``rowset.batch_order`` is "released": then the stored order and only
-    the ``len // batch_size`` full batches (the generator is not drawn from)."""
+    the ``len // batch_size`` full batches (the generator is not drawn from); "shuffled-full": the permutation's first
+    ``len // batch_size`` full batches (PSP's released loader: a shuffle per epoch, the leftover rows dropped)."""
     if rowset.batch_order not in BATCH_ORDERS:
         raise ValueError(f"unknown batch_order {rowset.batch_order!r} (expected one of {', '.join(BATCH_ORDERS)})")
     n = len(rowset)
@@ -93,6 +95,8 @@ def batches(table: FeatureTable, rowset: RowSet, batch_size: int, *, shuffle: bo
     if shuffle and rowset.batch_order == "released":
         shuffle, n = False, n - n % batch_size
     order = torch.randperm(n, generator=generator).to(device) if shuffle else torch.arange(n, device=device)
+    if shuffle and rowset.batch_order == "shuffled-full":
+        n -= n % batch_size
     for start in range(0, n, batch_size):
         yield batch(table, rowset, order[start : start + batch_size])
 

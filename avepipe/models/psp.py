@@ -48,6 +48,7 @@ EPS = 1e-8  # added to every L1 normaliser (released code), so an all-zero row s
 THRESHOLD = {"supervised": 0.099, "weak": 0.095}
 WEAK_TARGETS = ("proportion", "video-label")
 WEAK_NETS = ("supervised", "released")
+AVPS_TARGETS = ("fresh", "released")
 
 
 def l1_rows(x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +156,7 @@ def avps_loss(cosine: torch.Tensor, event: torch.Tensor, mask: torch.Tensor) -> 
             "attention_form": "paper",  # "released": the audio projection added along the position axis (AVGA)
             "init": "pytorch",  # "xavier": Xavier-uniform attention, PSP and classifier weights (released)
             "weak_net": "supervised",  # weak task: "released" is weakly_model.py's own network (see PSP.__init__)
+            "avps_target": "fresh",  # "released": the released loader's AVPS target buffer, never cleared (see loss)
         },
         # Released fully_supervised_main.py: Adam 1e-3, batch 128, 300 epochs, lr x 0.8 after epochs 60 and 120
         # ((epoch+1) % 60 == 0 and epoch < 170). The weak script decays after 80 and 160 instead.
@@ -163,7 +165,9 @@ def avps_loss(cosine: torch.Tensor, event: torch.Tensor, mask: torch.Tensor) -> 
     },
     # fully_model.py / weakly_model.py as they compute (docs/models.md, "Presets", PSP rows with files and lines).
     presets={"released": {
-        "model": {"attention_form": "released", "init": "xavier"},
+        "model": {"attention_form": "released", "init": "xavier", "avps_target": "released"},
+        # dataloader.py get_batch: random.shuffle each epoch, and the len // batch_size loop drops the leftover rows
+        "train": {"batch_order": "shuffled-full"},
         "tasks": {"weak": {"model": {"renormalize": False, "weak_net": "released"},
                            "train": {"lr_milestones": [80, 160]}}},
     }},
@@ -190,6 +194,7 @@ class PSP(nn.Module):
         attention_form: str = "paper",
         init: str = "pytorch",
         weak_net: str = "supervised",
+        avps_target: str = "fresh",
     ):
         super().__init__()
         if task not in ("supervised", "weak"):
@@ -199,7 +204,11 @@ class PSP(nn.Module):
         if init not in ("pytorch", "xavier") or weak_net not in WEAK_NETS:
             raise ValueError(f"unknown init {init!r} / weak_net {weak_net!r} (init: pytorch, xavier; weak_net: "
                              f"{', '.join(WEAK_NETS)})")
+        if avps_target not in AVPS_TARGETS:
+            raise ValueError(f"unknown avps_target {avps_target!r} (expected one of {AVPS_TARGETS})")
         self.task, self.lambda_avps, self.weak_target = task, lambda_avps, weak_target
+        self.avps_target = avps_target
+        self._avps_buffer: torch.Tensor | None = None  # avps_target="released": the loader's target buffer
         self.threshold = THRESHOLD[task] if threshold is None else float(threshold)
         # weak_net="released" (weak task): weakly_model.py's psp_net, which has no f_a / f_v: the attention is guided
         # by the raw audio, one Linear(Dv, Da) with bias (linear_v) maps the attended visual vector to the audio width,
@@ -262,6 +271,9 @@ class PSP(nn.Module):
         mask = batch["mask"]
         if task == "supervised":
             ce = masked_cross_entropy(outputs["segment_logits"], batch["labels"], mask)
+            if self.avps_target == "released":
+                target = self.released_avps_target(batch["event"], mask)
+                return ce + self.lambda_avps * released_avps_loss(outputs["avps"], target, mask)
             return ce + self.lambda_avps * avps_loss(outputs["avps"], batch["event"], mask)
         if task == "weak":
             # weakly_supervised_main.py: nn.BCELoss()(softmax(mean_t w_t s_t), prob_labels)
@@ -273,5 +285,34 @@ class PSP(nn.Module):
             return F.binary_cross_entropy(probs, target)
         raise ValueError(f"PSP has no loss for task {task!r}")
 
+    def released_avps_target(self, event: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The AVPS target of the released loader (dataloader.py ``AVE_Fully_Dataset.get_segment_wise_relation``):
+        row i of a batch sets ``1 / n`` on the n seconds of its first labelled class (the event's seconds; a video
+        without an event: all its seconds, from the background column) in a ``[batch_size, 10]`` buffer that is never
+        cleared, so its other seconds keep whatever row i of an earlier batch left there (zeros at the start). The
+        buffer lives on the model across batches and epochs (not in the checkpoint: a resumed run starts it at 0)."""
+        b, t = event.shape
+        old = self._avps_buffer
+        if old is None or old.shape[1] != t or old.shape[0] < b or old.device != event.device:
+            grown = torch.zeros(max(b, 0 if old is None else old.shape[0]), t, dtype=torch.float32, device=event.device)
+            if old is not None and old.shape[1] == t:
+                grown[: old.shape[0]] = old.to(event.device)
+            old = grown
+        chosen = event.bool() & mask
+        chosen = torch.where(chosen.any(1, keepdim=True), chosen, mask)
+        count = chosen.sum(1, keepdim=True).clamp(min=1).to(old.dtype)
+        target = torch.where(chosen, 1.0 / count, old[:b])
+        old[:b] = target
+        self._avps_buffer = old
+        return target.clone()
+
     def predict(self, outputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         return outputs["segment_logits"].argmax(-1)
+
+
+def released_avps_loss(cosine: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """measure.py ``AVPSLoss``: ``relu(c_t) / (sum_t relu(c_t) + 1e-8)`` against ``target`` [B, T], squared error
+    averaged over every real second of every video (``nn.MSELoss`` over the batch)."""
+    sim = F.relu(cosine) * mask.to(cosine.dtype)
+    s = sim / (sim.sum(1, keepdim=True) + EPS)
+    return ((s - target.to(s.dtype)) ** 2)[mask].mean()
