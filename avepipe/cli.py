@@ -195,7 +195,8 @@ Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Vgg19Weights = Annotated[Optional[str], typer.Option(help="Keras VGG-19 no-top .h5 (default: weights dir).")]
 VggishWeights = Annotated[Optional[str], typer.Option(
     help="torchvggish state dict .pth, or 'random' (NOT real features).")]
-Precision = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")]
+Precision = Annotated[str, typer.Option(
+    help="auto (bf16 on a GPU with native bf16, compute capability 8.0+; else fp32), fp32, bf16 or fp16.")]
 Shard = Annotated[Optional[str], typer.Option(
     help="K/N: only the videos whose id hashes to shard K of N (K from 0).")]
 RetryFailed = Annotated[bool, typer.Option("--retry-failed", help="Retry videos recorded as failed in the cache.")]

@@ -36,7 +36,7 @@ class BackboneConfig:
     vggish_weights: str | None = None  # a torchvggish state dict, or "random"
     pca: bool = False  # VGGish PCA + 8-bit quantisation (off in the AVE spec)
     pca_params: str | None = None  # default: $AVEPIPE_WEIGHTS_DIR/<manifest file>
-    precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu; or fp32 / bf16 / fp16
+    precision: str = "auto"  # auto: bf16 autocast on a GPU with native bf16 (sm >= 80), else fp32; or fp32/bf16/fp16
 
 
 @dataclass

@@ -10,6 +10,7 @@ relative difference (|a-b| summed / |a| summed) and the worst per-second relativ
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,19 @@ def visual(model, frames: np.ndarray, device: torch.device, dtype: torch.dtype |
     return np.stack(out)
 
 
+def tf32_emulated(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose convolutions see TF32 operands (10-bit mantissa), as cuDNN's default on Ampere and
+    later GPUs computes float32 convolutions: what ``--precision fp32`` would give with TF32 left on."""
+    from tests.fake_cuda import to_tf32
+
+    emulated = copy.deepcopy(model)
+    for module in emulated.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data = to_tf32(module.weight.data)
+            module.register_forward_pre_hook(lambda m, args: (to_tf32(args[0]),))
+    return emulated
+
+
 def drift(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     mean_rel = float(np.abs(ref - other).sum() / np.abs(ref).sum())
     flat_ref, flat_diff = ref.reshape(len(ref), -1), (ref - other).reshape(len(ref), -1)
@@ -53,7 +67,7 @@ def main() -> None:
     model = load_vgg19(args.vgg19_weights, map_location=device)
     precisions = {"bf16": torch.bfloat16} | ({"fp16": torch.float16} if device.type == "cuda" else {})
     print(f"device {device}; reference: sampling=ave, float32")
-    print(f"{'clip':28s} {'variant':10s} {'mean rel diff':>14s} {'worst second (rel L2)':>22s}")
+    print(f"{'clip':28s} {'variant':16s} {'mean rel diff':>14s} {'worst second (rel L2)':>22s}")
     for name in args.clips:
         info = media.probe(Path(args.media) / name)
         ave = decode_file(info.path, "ave")[0]
@@ -61,9 +75,11 @@ def main() -> None:
         ref = visual(model, ave, device, None)
         rows = {"fps": visual(model, fps, device, None)}
         rows |= {label: visual(model, ave, device, dtype) for label, dtype in precisions.items()}
+        if device.type == "cpu":
+            rows["tf32 (emulated)"] = visual(tf32_emulated(model), ave, device, None)
         for label, feats in rows.items():
             mean_rel, worst = drift(ref, feats)
-            print(f"{name:28s} {label:10s} {mean_rel:14.4%} {worst:22.4%}")
+            print(f"{name:28s} {label:16s} {mean_rel:14.4%} {worst:22.4%}")
 
 
 if __name__ == "__main__":
