@@ -201,9 +201,9 @@ class DecodedSource:
             meta = {key: _plain(value) for key, value in group.attrs.items()}
             problem = stale_entry(meta, Path(task.path))
             if problem:
-                yield Failed(task.vid, f"{task.path}: {problem} in the decoded store {self.store.path}; run "
-                                       f"`avepipe decode` on this file again (into a new store, or after `avepipe "
-                                       f"cache rm`)")
+                yield Failed(task.vid, f"{task.path}: the decoded store {self.store.path} does not hold this file's "
+                                       f"frames: {problem}; run `avepipe decode` on this file again (into a new "
+                                       f"store)")
                 return
             frames = group["frames"]
             yield Started(task.vid, meta)
@@ -221,9 +221,11 @@ def stale_entry(meta: dict[str, Any], path: Path) -> str | None:
     of ``path`` now; None when it does."""
     recorded = str(meta.get("source_path", ""))
     if recorded and recorded != str(path.resolve()):
-        return f"its id is stored for another file ({recorded})"
+        return f"the entry of this id was decoded from another file, {recorded}"
+    if not os.path.isfile(path):
+        return "the file is missing (the entry was decoded from this path)"
     if not same_source(meta, path):
-        return (f"the entry was decoded from an earlier version of this file (size {meta.get('source_size')}, "
+        return (f"its entry was decoded from an earlier version of this file (size {meta.get('source_size')}, "
                 f"mtime {meta.get('source_mtime')})")
     return None
 
