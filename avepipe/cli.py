@@ -215,6 +215,9 @@ Categories = Annotated[Optional[Path], typer.Option(help="categories.txt (defaul
 Splits = Annotated[Optional[Path], typer.Option(
     help="Folder with the split/order files (default: beside the annotations).")]
 WeightNames = Annotated[Optional[List[str]], typer.Argument(help="Manifest names (default: all).")]
+ProgressMode = Annotated[str, typer.Option(
+    "--progress", help="auto (a bar on a terminal, else plain lines), bar, log (a line per finished item and every "
+                       "$AVEPIPE_PROGRESS_INTERVAL s, default 30) or none.")]
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -259,6 +262,7 @@ def extract(
     retry_failed: RetryFailed = False,
     from_decoded: Annotated[Optional[Path], typer.Option(
         help="Read frames + log-mel from a store written by `avepipe decode` instead of decoding the videos.")] = None,
+    progress_mode: ProgressMode = "auto",
 ) -> None:
     """Extract AVE-compatible VGG-19 pool5 + VGGish features into a resumable HDF5 cache."""
     from avepipe.extract import run_extract
@@ -276,7 +280,7 @@ def extract(
     )
     videos = discover(paths or [], list_file)
     with on_interrupt("finished videos are kept; run the same command again to continue"):
-        with ExtractProgress(console, errors) as progress:
+        with ExtractProgress(console, errors, mode=progress_mode) as progress:
             if devices is None:
                 report = run_extract(videos, cache, config, progress.update)
             else:
@@ -301,6 +305,7 @@ def decode(
     sampling: Annotated[str, typer.Option(help="ave (AVE-compatible) or fps (see `extract`).")] = "ave",
     shard: Shard = None,
     retry_failed: RetryFailed = False,
+    progress_mode: ProgressMode = "auto",
 ) -> None:
     """Decode videos into the selected 224x224 frames + VGGish log-mel (no backbones): decode on CPU nodes, then
     `avepipe extract --from-decoded` on GPU nodes. Resumable like extract."""
@@ -312,7 +317,7 @@ def decode(
     config = ExtractConfig(workers=workers, sampling=sampling, shard=parse_shard(shard), retry_failed=retry_failed)
     videos = discover(paths or [], list_file)
     with on_interrupt("finished videos are kept; run the same command again to continue"):
-        with ExtractProgress(console, errors, label="decode") as progress:
+        with ExtractProgress(console, errors, label="decode", mode=progress_mode) as progress:
             report = run_decode(videos, out, config, progress.update)
     render_extract_report(console, errors, report, out, what="decode", printed=progress.printed)
     raise typer.Exit(report.exit_code)
@@ -350,6 +355,7 @@ def localize(
     query_video: Annotated[Optional[Path], typer.Option(help="CML V2A checkpoint: video whose frames are the query.")
                            ] = None,
     query_span: Annotated[Optional[str], typer.Option(help="START-END seconds of the query file, e.g. 3-6.")] = None,
+    progress_mode: ProgressMode = "auto",
 ) -> None:
     """Per-second event labels for any video (>= 1 s) with a trained checkpoint; spans, files, a timeline picture and
     an HTML page."""
@@ -379,7 +385,8 @@ def localize(
         retry_failed=retry_failed, query_audio=query_audio, query_video=query_video,
         query_span=parse_span(query_span) if query_span else None,
     )
-    with LocalizeProgress(errors, errors) as progress:  # progress on stderr: stdout carries the labels
+    # progress on stderr: stdout carries the labels
+    with LocalizeProgress(errors, errors, mode=progress_mode) as progress:
         results, _ = localize_videos(paths or [], config, list_file=list_file, progress=progress.update)
     render_localize(console, errors, results, show_seconds=fmt == "table")
     if out is not None and fmt != "table":
@@ -624,6 +631,7 @@ def train(
     noisy_labels: Annotated[Optional[Path], typer.Option(help="weak only: labels_noisy.h5.")] = None,
     no_noisy: Annotated[bool, typer.Option(
         "--no-noisy", help="weak only: do not add the background videos found beside the annotations.")] = False,
+    progress_mode: ProgressMode = "auto",
 ) -> None:
     """Train a model; the checkpoint is chosen on val, test is evaluated once with it."""
     from avepipe.data.layout import dataset_inputs
@@ -650,7 +658,7 @@ def train(
     stop = StopRequest()
     options.should_stop = stop
     try:
-        with loud_warnings(), TrainProgress(console) as progress, stop.on_sigint():
+        with loud_warnings(), TrainProgress(console, progress_mode) as progress, stop.on_sigint():
             if seeds == 1:
                 result = train_one(options, paths, progress.epoch)
             else:

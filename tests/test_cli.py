@@ -110,5 +110,5 @@ def test_progress_nothing_to_do_and_each_failure_printed_once(tmp_path, weights_
     assert first.stderr.count("WARNING:") == first.stderr.count("WARNING: VGGish") == 1  # random VGGish, once
     again = run_cli("extract", clip, "--cache", cache, "--workers", "0", *weights_args)
     assert again.returncode == 0, again.stderr
-    assert "nothing to extract: 1 videos already in the cache: skipped" in again.stdout
+    assert "nothing to extract: 1 video already in the cache: skipped" in again.stdout
     assert "0/0" not in again.stdout and "summary" not in again.stdout

@@ -97,7 +97,7 @@ def test_devices_cpu_cpu_equals_the_single_process_cache(real_cache, media_dir, 
     assert run.returncode == 1, run.stderr  # the bad file failed; the rest is done
     assert [ln for ln in run.stderr.splitlines() if ln.startswith("failed:") and "notes.mp4" in ln]
     assert "Traceback" not in run.stderr + run.stdout
-    assert "1 videos already in the cache" in run.stdout
+    assert "1 video already in the cache" in run.stdout
     assert "per device" in run.stdout and "0/2" in run.stdout and "1/2" in run.stdout
     cache = FeatureCache(target)
     assert cache.ids() == sorted(names + ["fire2"])

@@ -121,7 +121,7 @@ def test_end_to_end_on_real_extracted_features(tmp_path, real_cache):
     trained = run_cli("train", "--model", "avel", "--task", "supervised", "--features", cache, "--annotations",
                       annotations, "--out", run, "--epochs", "2", "--device", "cpu")
     assert trained.returncode == 0, trained.stderr
-    assert "epoch    2/2" in trained.stdout
+    assert "epoch 2/2" in trained.stdout
     for name in ("checkpoint.pt", "last.pt", "config.json", "metrics.json"):
         assert (run / name).exists()
     evaluated = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--features", cache, "--annotations",

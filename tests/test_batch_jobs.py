@@ -1,0 +1,102 @@
+"""Batch jobs and the second hour (issue 27): progress in logs, early stopping, JSON on stdout, per-video errors first,
+honest comparisons, one-line refusals."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from rich.console import Console
+
+from avepipe.render import ExtractProgress
+from tests.helpers import make_clip
+
+LOG_LINE = re.compile(r"^extract (\d+)/(\d+) videos \| (\d+) s of video \| (?:[\d.e+-]+x real time|speed \?) \| "
+                      r"elapsed [\d:]+ \| eta (?:[\d:]+|\?) \| (\d+) failed")
+
+
+# --- row 1: progress lines when stdout is not a terminal -------------------------------------------------------------
+
+
+def _log_console() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=80, highlight=False), buffer  # a file: not a terminal
+
+
+def test_progress_auto_is_plain_lines_when_stdout_is_not_a_terminal(monkeypatch):
+    monkeypatch.setenv("AVEPIPE_PROGRESS_INTERVAL", "0.2")
+    out, buffer = _log_console()
+    err, _ = _log_console()
+    with ExtractProgress(out, err) as progress:
+        assert progress.mode == "log"
+        progress.update("start", {"total": 3, "todo": 3, "skipped": 0, "device": "cpu"})
+        progress.update("seconds", {"id": "long", "done": 20, "total": 60})
+        time.sleep(0.5)  # nothing finishes: the heartbeat still writes lines
+        progress.update("video", {"id": "a", "status": "done", "seconds": 10})
+        progress.update("video", {"id": "b", "status": "failed", "error": "b.mp4: missing file: no such file"})
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == "extract on cpu: 3 videos to do"
+    progress_lines = [line for line in lines[1:] if LOG_LINE.match(line)]
+    assert len(progress_lines) == len(lines) - 1, lines  # nothing else: no bar, no escape codes
+    heartbeats = [line for line in progress_lines if line.startswith("extract 0/3")]
+    assert len(heartbeats) >= 1 and "in flight: long 20/60 s" in heartbeats[0]
+    assert progress_lines[-2].startswith("extract 1/3 videos | 30 s of video") and progress_lines[-2].endswith(
+        "| done a")
+    assert progress_lines[-1].startswith("extract 2/3 videos") and "| 1 failed |" in progress_lines[-1]
+    assert "\x1b" not in buffer.getvalue() and "\r" not in buffer.getvalue()
+
+
+def test_progress_none_and_bar_and_bad_mode():
+    out, buffer = _log_console()
+    err, _ = _log_console()
+    with ExtractProgress(out, err, mode="none") as progress:
+        progress.update("start", {"total": 1, "todo": 1, "skipped": 0, "device": "cpu"})
+        progress.update("video", {"id": "a", "status": "done", "seconds": 10})
+    assert buffer.getvalue().splitlines() == ["extract on cpu: 1 video to do"]
+    from avepipe.errors import UsageError
+
+    with pytest.raises(UsageError, match="--progress fancy: choose auto, bar, log or none"):
+        ExtractProgress(out, err, mode="fancy")
+
+
+def test_extract_with_stdout_to_a_file_writes_progress_lines_at_a_steady_interval(tmp_path, weights_args):
+    """The batch-job case: `avepipe extract ... > job.log`. Lines at each finished video and every
+    $AVEPIPE_PROGRESS_INTERVAL seconds in between, read from the file while the job runs."""
+    clips = [make_clip(tmp_path / f"clip{i}.mp4", 1.0 + i, size="160x120") for i in range(2)]
+    log = tmp_path / "job.log"
+    interval = 1.0
+    env = {**os.environ, "AVEPIPE_PROGRESS_INTERVAL": str(interval), "COLUMNS": "80"}
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "avepipe", "extract", *map(str, clips), "--cache",
+                                 str(tmp_path / "f.h5"), "--workers", "0", *weights_args], stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        seen: list[tuple[float, str]] = []  # (when the line reached the file, the line)
+        text = ""
+        while True:
+            running = proc.poll() is None
+            now = time.monotonic()
+            new = log.read_text()
+            if len(new) > len(text):
+                complete = new[:new.rfind("\n") + 1]
+                seen += [(now, line) for line in complete[len(text):].splitlines()]
+                text = complete
+            if not running:
+                break
+            time.sleep(0.05)
+        stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    lines = [line for _, line in seen]
+    assert lines[0] == "extract on cpu: 2 videos to do", lines
+    timed = [(when, line) for when, line in seen if LOG_LINE.match(line)]
+    assert len(timed) >= 4, lines  # the two finished videos and heartbeats while the backbones work
+    finished = [line for _, line in timed if re.search(r"\| done clip\d$", line)]
+    assert [LOG_LINE.match(line).group(1) for line in finished] == ["1", "2"]
+    assert finished[-1].startswith("extract 2/2 videos | 3 s of video")
+    gaps = [b - a for (a, _), (b, _) in zip(timed, timed[1:])]
+    assert max(gaps) < interval + 2.0, gaps  # steady: never a long silence (generous: a loaded 2-core machine)
+    assert "\x1b" not in text and "━" not in text.split("extract summary")[0]  # no bar, no escape codes
