@@ -620,6 +620,9 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="Override the number of epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Override the batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Override the learning rate.")] = None,
+    patience: Annotated[Optional[int], typer.Option(
+        help="Stop when val has not improved for N epochs (default: off, every epoch of the preset is run; 0: off).")
+    ] = None,
     device: Device = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from RUN/last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -649,7 +652,8 @@ def train(
     if no_noisy and any(noisy):
         raise UsageError("--no-noisy contradicts --noisy-audio/--noisy-visual/--noisy-labels")
     options = TrainOptions(model=model, task=task, out_dir=out, direction=direction, seed=seed, device=device,
-                           config_file=config, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume,
+                           config_file=config, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                           resume=resume,
                            preset=preset, cml_protocol=cml_protocol, train_noisy=not no_noisy,
                            overwrite=overwrite)
     features, annotations = dataset_inputs(dataset, features, annotations)

@@ -415,8 +415,11 @@ def render_train_summary(console: Console, result: dict[str, Any], out: Path) ->
         console.print(f"{len(result['seeds'])} seeds: val {metric} {val['mean']:.4f} ± {val['std']:.4f}, "
                       f"test {metric} {test['mean']:.4f} ± {test['std']:.4f}  ({out}/summary.json)")
     else:
-        console.print(f"best epoch {result['best_epoch']} (chosen on val): val {metric} {result['val_' + metric]:.4f}, "
-                      f"test {metric} {result['test_' + metric]:.4f}  ({out}/checkpoint.pt, {out}/metrics.json)")
+        console.print(f"kept epoch {result['best_epoch']} of {result.get('epochs_run', result['epochs'])} (best val "
+                      f"{metric} {result['val_' + metric]:.4f}); test {result['test_' + metric]:.4f}", soft_wrap=True)
+        if result.get("stop_reason"):
+            console.print(result["stop_reason"], soft_wrap=True)
+        console.print(f"wrote {out}/checkpoint.pt, {out}/metrics.json", soft_wrap=True)
 
 
 class LocalizeProgress(ExtractProgress):

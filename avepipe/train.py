@@ -80,7 +80,7 @@ def resolve_config(model_name: str, config_file: PathLike | None = None,
 
 # [train] keys the training loop reads for every model (models' defaults and presets may add more).
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "lr_gamma", "lr_milestones",
-              "lr_step", "grad_clip", "batch_order")
+              "lr_step", "grad_clip", "batch_order", "patience")
 
 
 def config_keys(model_name: str) -> dict[str, set[str]]:
@@ -121,6 +121,9 @@ def check_train_config(train_cfg: dict[str, Any]) -> None:
     if train_cfg.get("batch_order", "shuffled") not in BATCH_ORDERS:
         raise UsageError(f"[train] batch_order must be one of {', '.join(BATCH_ORDERS)}, "
                          f"not {train_cfg['batch_order']!r}")
+    patience = train_cfg.get("patience")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
+        raise UsageError(f"--patience / [train] patience must be a whole number of epochs (0: off), not {patience!r}")
     lr = train_cfg.get("lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise UsageError(f"--lr / [train] lr must be a finite number above 0, not {lr!r}")
@@ -298,6 +301,7 @@ class TrainOptions:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    patience: int | None = None  # stop when val has not improved for this many epochs (None / 0: run every epoch)
     resume: bool = False
     preset: str = "paper"  # paper: the paper's text; released: the authors' public code (see docs/models.md)
     cml_protocol: str | None = None  # models with a cml_protocol option (dcmr): leak-free (default) or paper
@@ -354,7 +358,8 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     """Train one model with one seed into ``options.out_dir``; returns the metrics written to metrics.json."""
     validate_task(options)
     config = resolve_config(options.model, options.config_file,
-                            {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.lr},
+                            {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.lr,
+                             "patience": options.patience},
                             preset=options.preset, task=options.task)
     if options.cml_protocol is not None:
         config["model"]["cml_protocol"] = options.cml_protocol
@@ -415,7 +420,13 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     epochs = int(train_cfg["epochs"])
     batch_size = int(train_cfg["batch_size"])
     metric = metric_name(options.task)
+    patience = int(train_cfg.get("patience") or 0)
+    stop_reason = f"all {epochs} epochs run"
     for epoch in range(state["epoch"] + 1, epochs + 1):
+        if patience and state["epoch"] - state["best_epoch"] >= patience:  # early stopping (a resumed run too)
+            stop_reason = (f"stopped after epoch {state['epoch']} of {epochs}: no val gain in {patience} epochs "
+                           f"(--patience {patience})")
+            break
         model.train()
         started = time.perf_counter()
         # Losses are summed on the device and read once per epoch (a float() per step would wait for the GPU at
@@ -468,13 +479,16 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
                             cuda_rng=cuda_rng_states())
         save_checkpoint(resume_state, last_path)
         if on_epoch:
-            on_epoch({**record, "epochs": epochs, "best": state["best"], "improved": improved, "metric": metric})
+            on_epoch({**record, "epochs": epochs, "best": state["best"], "improved": improved, "metric": metric,
+                      "patience": patience, "since_best": epoch - state["best_epoch"]})
     best_model, best = load_checkpoint(best_path, device)
     test = evaluate_split(best_model, data, "test", options.task, options.direction)
     metrics = {"model": options.model, "task": options.task, "direction": options.direction, "seed": options.seed,
                "preset": options.preset, "metric": metric, "train_rows": len(data.splits["train"]),
                "background_videos": data.background_videos, "selection": "val", "best_epoch": state["best_epoch"],
-               f"val_{metric}": state["best"], f"test_{metric}": test, "epochs": epochs}
+               f"val_{metric}": state["best"], f"test_{metric}": test, "epochs": epochs,
+               "epochs_run": state["epoch"], "patience": patience or None, "stopped_early": state["epoch"] < epochs,
+               "stop_reason": stop_reason}
     if options.task == "cml" and options.direction == JOINT:
         metrics.update({f"test_{metric}_{d}": v for d, v in evaluate_directions(best_model, data, "test").items()})
     metrics.update(oracle_summary(state["history"], metric))
@@ -496,7 +510,7 @@ def diverged(out: Path, epoch: int, what: str) -> TrainingError:
 
 def check_resume_settings(out: Path, config: dict[str, Any], paths: DataPaths) -> None:
     """``--resume`` must use the features, annotations and settings of the run's config.json (only the number of
-    epochs may change): anything else would continue another run than the one saved."""
+    epochs and the patience may change): anything else would continue another run than the one saved."""
     path = out / "config.json"
     try:
         before = json.loads(path.read_text())
@@ -513,7 +527,7 @@ def check_resume_settings(out: Path, config: dict[str, Any], paths: DataPaths) -
     for part in ("model", "train"):
         then, now = (before.get("config") or {}).get(part, {}), now_config.get(part, {})
         for key in sorted(set(then) | set(now)):
-            if (part, key) != ("train", "epochs") and then.get(key) != now.get(key):
+            if (part, key) not in (("train", "epochs"), ("train", "patience")) and then.get(key) != now.get(key):
                 name = f"--{key.replace('_', '-')}" if part == "train" and key in ("lr", "batch_size") else \
                     f"[{part}] {key}"
                 differences.append(f"{name} {then.get(key)!r} -> {now.get(key)!r}")

@@ -4,6 +4,7 @@ honest comparisons, one-line refusals."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -13,8 +14,10 @@ import time
 import pytest
 from rich.console import Console
 
+from avepipe.checkpoint import load_checkpoint
 from avepipe.render import ExtractProgress
-from tests.helpers import make_clip
+from tests.helpers import make_clip, run_cli
+from tests.test_train import CATEGORIES, write_dataset
 
 LOG_LINE = re.compile(r"^extract (\d+)/(\d+) videos \| (\d+) s of video \| (?:[\d.e+-]+x real time|speed \?) \| "
                       r"elapsed [\d:]+ \| eta (?:[\d:]+|\?) \| (\d+) failed")
@@ -100,3 +103,63 @@ def test_extract_with_stdout_to_a_file_writes_progress_lines_at_a_steady_interva
     gaps = [b - a for (a, _), (b, _) in zip(timed, timed[1:])]
     assert max(gaps) < interval + 2.0, gaps  # steady: never a long silence (generous: a loaded 2-core machine)
     assert "\x1b" not in text and "━" not in text.split("extract summary")[0]  # no bar, no escape codes
+
+
+# --- row 2: --patience -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A small synthetic AVE-like task (as tests/test_train.py's): a cache and annotation files."""
+    from avepipe.cache import FeatureCache
+    from avepipe.data.synthetic import make_synthetic_ave
+
+    root = tmp_path_factory.mktemp("synthetic")
+    data = make_synthetic_ave(48, num_classes=len(CATEGORIES) + 1, seed=3, min_event=2, max_event=8)
+    rows = {"train": [], "val": [], "test": []}
+    with FeatureCache(root / "f.h5", "a") as cache:
+        cache.ensure_spec({"spec_version": 1, "sampling": "ave", "synthetic": True})
+        for i in range(48):
+            vid = f"vid{i:03d}"
+            cache.put(vid, data["visual"][i].numpy(), data["audio"][i].numpy(), {"seconds": 10})
+            event = data["event"][i].numpy().nonzero()[0]
+            split = "train" if i < 32 else "val" if i < 40 else "test"
+            rows[split].append((CATEGORIES[int(data["video_label"][i])], vid, int(event[0]), int(event[-1]) + 1))
+    return root / "f.h5", write_dataset(root / "ave", rows)
+
+
+def test_patience_stops_and_keeps_the_best_val_epoch(tmp_path, synthetic):
+    features, annotations = synthetic
+    run = tmp_path / "run"
+    patience = 3
+    result = run_cli("train", "--model", "avel", "--features", features, "--annotations", annotations, "--out", run,
+                     "--epochs", "60", "--batch-size", "8", "--device", "cpu", "--patience", patience)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    val = metrics["curves"]["val_segment_accuracy"]
+    best = metrics["best_epoch"]
+    assert metrics["stopped_early"] and metrics["epochs_run"] == len(val) < 60
+    assert len(val) == best + patience  # stopped exactly `patience` epochs after the last gain
+    assert best == 1 + val.index(max(val)) and max(val[best:]) <= val[best - 1]  # the kept epoch is val's best
+    assert metrics["stop_reason"] == f"stopped after epoch {len(val)} of 60: no val gain in {patience} epochs " \
+                                     f"(--patience {patience})"
+    checkpoint = load_checkpoint(run / "checkpoint.pt", "cpu")[1]
+    assert checkpoint["metrics"]["best_epoch"] == best and checkpoint["metrics"]["epochs_run"] == len(val)
+    lines = result.stdout.splitlines()
+    assert f"kept epoch {best} of {len(val)} (best val segment_accuracy {val[best - 1]:.4f})" in result.stdout
+    assert metrics["stop_reason"] in lines
+    assert sum(line.startswith("epoch ") for line in lines) == len(val)
+    # without --patience every epoch runs (the paper presets' default), and metrics.json says so
+    full = run_cli("train", "--model", "avel", "--features", features, "--annotations", annotations, "--out",
+                   tmp_path / "full", "--epochs", "3", "--batch-size", "8", "--device", "cpu")
+    assert full.returncode == 0, full.stderr
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert not metrics["stopped_early"] and metrics["epochs_run"] == 3 and metrics["patience"] is None
+    assert metrics["stop_reason"] == "all 3 epochs run" and "all 3 epochs run" in full.stdout.splitlines()
+
+
+def test_patience_must_be_a_whole_number(tmp_path, synthetic):
+    features, annotations = synthetic
+    result = run_cli("train", "--model", "avel", "--features", features, "--annotations", annotations, "--out",
+                     tmp_path / "x", "--patience", "-1", "--device", "cpu")
+    assert result.returncode == 2 and "--patience / [train] patience must be a whole number" in result.stderr
