@@ -331,7 +331,8 @@ def localize(
     checkpoint: Checkpoint = ...,
     list_file: ListFile = None,
     out: Annotated[Optional[str], typer.Option(
-        "--out", help="Write --format here: a file, or a directory (DIR/: one file per video).")] = None,
+        "--out", help="Write --format here: a file, a directory (DIR/: one file per video) or - (stdout; the default "
+                      "for json, csv and jsonl when stdout is not a terminal).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (terminal), json, csv or jsonl.")] = "table",
     plot: Annotated[Optional[str], typer.Option(
         help="Timeline PNG: a file (one video) or a directory (DIR/: <id>.png each).")] = None,
@@ -359,6 +360,8 @@ def localize(
 ) -> None:
     """Per-second event labels for any video (>= 1 s) with a trained checkpoint; spans, files, a timeline picture and
     an HTML page."""
+    import sys
+
     from avepipe.inputs import assign_ids, discover, select_shard
     from avepipe.localization import LocalizeConfig, localize_videos, parse_span
     from avepipe.outputs import check_outputs, check_single_target, get_writer, output_paths, write_results
@@ -366,12 +369,16 @@ def localize(
 
     if fmt != "table":
         get_writer(fmt)  # an unknown format fails here, before any work
-        if out is None:
-            raise UsageError(f"--format {fmt} needs --out FILE or --out DIR/")
+        if out is None and sys.stdout.isatty():
+            raise UsageError(f"--format {fmt} needs --out FILE, --out DIR/ or --out - (stdout)")
+    # `--out -`, or no --out where stdout is a pipe or a file: the labels are stdout's only content (whisper's and the
+    # Unix convention); progress, warnings, failures and "wrote" lines go to stderr.
+    to_stdout = fmt != "table" and out in (None, "-")
+    said = errors if to_stdout else console
     videos = discover(paths or [], list_file)
     ids = list(select_shard(assign_ids(videos), parse_shard(shard)))
     targets = {}
-    if out is not None and fmt != "table":
+    if not to_stdout and out is not None:
         targets["--out"] = output_paths(out, ids, fmt)
     for option, target, suffix in (("--plot", plot, "png"), ("--html", html, "html")):
         if target is not None:
@@ -388,20 +395,23 @@ def localize(
     # progress on stderr: stdout carries the labels
     with LocalizeProgress(errors, errors, mode=progress_mode) as progress:
         results, _ = localize_videos(paths or [], config, list_file=list_file, progress=progress.update)
-    render_localize(console, errors, results, show_seconds=fmt == "table")
-    if out is not None and fmt != "table":
+    render_localize(said, errors, results, show_seconds=fmt == "table", show_spans=not to_stdout)
+    if to_stdout:
+        sys.stdout.write(get_writer(fmt)(results))
+        sys.stdout.flush()
+    elif out is not None:
         for path in write_results(results, fmt, out):
-            console.print(f"wrote {path}")
+            said.print(f"wrote {escape(str(path))}", soft_wrap=True)
     if plot is not None:
         from avepipe.timeline import save_timelines
 
         for path in save_timelines(results, plot):
-            console.print(f"wrote {path}")
+            said.print(f"wrote {escape(str(path))}", soft_wrap=True)
     if html is not None:
         from avepipe.report_html import save_reports
 
         for path in save_reports(results, html):
-            console.print(f"wrote {path}")
+            said.print(f"wrote {escape(str(path))}", soft_wrap=True)
     raise typer.Exit(EXIT_SOME_FAILED if any(r.error for r in results) else EXIT_OK)
 
 
@@ -736,7 +746,8 @@ def evaluate(
     categories: Categories = None,
     splits: Splits = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result as JSON here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Write the result as JSON here (-: on stdout, the table then on stderr).")] = None,
     device: Device = "auto",
 ) -> None:
     """Evaluate a checkpoint: segment accuracy (supervised, weak) or exact-match accuracy (cml)."""
@@ -751,10 +762,13 @@ def evaluate(
     if result.get("warning"):
         errors.print(f"[bold yellow]WARNING:[/] {escape(result['warning'])}", soft_wrap=True)
     metric, direction = result["metric"], f" {result['direction']}" if result["direction"] else ""
-    console.print(f"{result['model']} {result['task']}{direction} ({result['preset']} preset) {split}: "
-                  f"{metric} = {result[metric]:.4f} over {result['rows']} rows")
-    console.print(comparison_table(result))
-    if out:
+    said = errors if out is not None and str(out) == "-" else console  # stdout holds only the JSON then
+    said.print(f"{result['model']} {result['task']}{direction} ({result['preset']} preset) {split}: "
+               f"{metric} = {result[metric]:.4f} over {result['rows']} rows", soft_wrap=True)
+    said.print(comparison_table(result))
+    if out is not None and str(out) == "-":
+        print(json.dumps(result, indent=2), flush=True)
+    elif out:
         out.write_text(json.dumps(result, indent=2))
 
 

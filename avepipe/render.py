@@ -456,12 +456,15 @@ def localize_table(result) -> Table:
     return table
 
 
-def render_localize(console: Console, errors: Console, results, show_seconds: bool = True) -> None:
+def render_localize(console: Console, errors: Console, results, show_seconds: bool = True,
+                    show_spans: bool = True) -> None:
     """The labels of each video on ``console`` (a table, then its spans); each failed video's error once on
-    ``errors``."""
+    ``errors``. ``show_spans=False`` (the labels go to stdout as a file format): only the failures."""
     for result in results:
         if result.error:
             errors.print(f"[red]failed:[/] {escape(result.error)}", soft_wrap=True)
+            continue
+        if not show_spans:
             continue
         if show_seconds:
             console.print(localize_table(result))

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -163,3 +164,48 @@ def test_patience_must_be_a_whole_number(tmp_path, synthetic):
     result = run_cli("train", "--model", "avel", "--features", features, "--annotations", annotations, "--out",
                      tmp_path / "x", "--patience", "-1", "--device", "cpu")
     assert result.returncode == 2 and "--patience / [train] patience must be a whole number" in result.stderr
+
+
+# --- row 4: labels on stdout -----------------------------------------------------------------------------------------
+
+RANDOM = ["--vgg19-weights", "random", "--vggish-weights", "random", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    from tests.test_localize import SMALL, _checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return _checkpoint(root, "avel", "supervised", SMALL)
+
+
+def test_localize_json_on_stdout_parses_from_the_pipe(tmp_path, small_checkpoint):
+    clip = make_clip(tmp_path / "clip.mp4", 2.0, size="64x48")
+    common = [clip, "--checkpoint", small_checkpoint, "--cache", tmp_path / "f.h5", *RANDOM]
+    dashed = run_cli("localize", *common, "--format", "json", "--out", "-", "--plot", tmp_path / "t.png")
+    assert dashed.returncode == 0, dashed.stderr
+    records = json.loads(dashed.stdout)  # stdout is the JSON and nothing else
+    assert [r["id"] for r in records] == ["clip"] and len(records[0]["seconds"]) == 2
+    assert not (Path.cwd() / "-").exists() and not (tmp_path / "-").exists()
+    assert f"wrote {tmp_path / 't.png'}" in dashed.stderr  # what is said goes to stderr
+    # stdout not a terminal and no --out: the same, for every file format
+    for fmt in ("json", "jsonl", "csv"):
+        piped = subprocess.run([sys.executable, "-m", "avepipe", "localize", *map(str, common), "--format", fmt],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+        assert piped.returncode == 0, piped.stderr
+        if fmt == "json":
+            assert json.loads(piped.stdout) == records
+        elif fmt == "jsonl":
+            assert [json.loads(line)["start"] for line in piped.stdout.splitlines()] == [0, 1]
+        else:
+            assert piped.stdout.splitlines()[0].startswith("video,start,end,label") and \
+                len(piped.stdout.splitlines()) == 3
+
+
+def test_localize_progress_lines_go_to_stderr(tmp_path, small_checkpoint, monkeypatch):
+    clip = make_clip(tmp_path / "clip.mp4", 1.0, size="64x48")
+    result = run_cli("localize", clip, "--checkpoint", small_checkpoint, *RANDOM, "--format", "jsonl", "--out", "-",
+                     "--progress", "log")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip())["label"]
+    assert "extract 1/1 videos" in result.stderr and "extract" not in result.stdout

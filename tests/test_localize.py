@@ -280,7 +280,6 @@ def test_usage_errors(trained, media_dir, tmp_path):
     checkpoint, _, _ = trained
     video = media_dir / "fire2.mp4"
     cases = [
-        (["--checkpoint", checkpoint, "--format", "json"], "needs --out"),
         (["--checkpoint", checkpoint, "--format", "xml", "--out", tmp_path / "x"], "--format xml"),
         (["--checkpoint", tmp_path / "missing.pt"], "missing.pt"),
         (["--checkpoint", checkpoint, "--query-audio", video, "--query-span", "0-1"], "needs a CML one"),
