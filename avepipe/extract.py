@@ -33,13 +33,13 @@ from avepipe.backbones.extractor import (
     check_weight_files,
     resolve_precision,
 )
-from avepipe.cache import FeatureCache
+from avepipe.cache import FeatureCache, writer_of
 from avepipe.decode import DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.decoded import DecodedSource
 from avepipe.devices import resolve_device
 from avepipe.errors import AvepipeError, UsageError
 from avepipe.partial import PartialStore
-from avepipe.planning import BatchReport, plan, record_plan_failures, source_fields
+from avepipe.planning import BatchReport, plan, record_plan_failures, source_fields, unreadable_inputs
 from avepipe.sampling import FRAMES_PER_SECOND
 from avepipe.settings import SAMPLING_MODES, ExtractConfig
 
@@ -308,6 +308,15 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
         raise UsageError("no input videos (give files, directories or --list)")
     device = check_config(config)
     started = time.perf_counter()
+    failures = unreadable_inputs(paths, config.shard)
+    if failures:  # no input can be read: each one's failure, and nothing created, locked or loaded
+        report = ExtractReport(total=len(failures), failed=failures)
+        for vid, error in failures.items():
+            emit("video", {"id": vid, "status": "failed", "error": error})
+        emit("start", {"total": report.total, "todo": 0, "skipped": 0, "previously_failed": 0,
+                       "unreadable": len(failures), "device": str(device), "resumed_seconds": 0})
+        report.elapsed_s = time.perf_counter() - started
+        return report
     report, work = _look_ahead(paths, cache_path, config)
     if report is not None:
         emit("start", {"total": report.total, "todo": 0, "skipped": len(report.skipped),
@@ -375,6 +384,8 @@ def _look_ahead(paths: list[Path], cache_path: str | os.PathLike,
         if todo:
             return None, True
         if report.failed or reader.quarantined or reader.shard != config.shard:
+            return None, False
+        if reader.leftovers() and writer_of(path) is None:  # a killed writer's temporaries: a writer removes them
             return None, False
     return report, False
 

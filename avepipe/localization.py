@@ -393,11 +393,12 @@ class Localizer:
         """Per-second labels of each video (files or directories, searched recursively; one path may be a string),
         one :class:`VideoLabels` per input video in input order.
 
-        A video that cannot be used (unreadable, shorter than 1 s, no features) does not raise: its record has
-        ``error`` set and no seconds. Problems of the call itself raise an :class:`~avepipe.errors.AvepipeError`
-        before any video is decoded: :class:`~avepipe.errors.UsageError` (no videos, a query that does not fit the
-        checkpoint or its file), :class:`~avepipe.errors.WeightsError` (weights files missing, all named at once; only
-        when some video has to be extracted). CML checkpoints take ``query_audio`` (A2V) or ``query_video`` (V2A) and
+        A video that cannot be used (missing, unreadable, shorter than 1 s, no features) does not raise: its record
+        has ``error`` set and no seconds; a missing or unreadable file is found before anything global is checked.
+        Problems of the call itself raise an :class:`~avepipe.errors.AvepipeError` before any video is decoded:
+        :class:`~avepipe.errors.UsageError` (no videos, a query that does not fit the checkpoint or its file),
+        :class:`~avepipe.errors.WeightsError` (weights files missing, all named at once; only when some readable video
+        has to be extracted). CML checkpoints take ``query_audio`` (A2V) or ``query_video`` (V2A) and
         ``query_span=(start, end)`` in seconds of the query file. ``progress(event, fields)`` receives the extract
         stage's events (see :mod:`avepipe.extract`) and ``"labelled"`` per video."""
         if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__"):
@@ -430,6 +431,13 @@ class Localizer:
             if config.query_video:
                 inputs.append(Path(config.query_video))  # its visual features come through the same cache
             report = run_extract(inputs, cache_path, extract_config, emit, load_backbones=self.backbones)
+            if not cache_path.exists():  # no input could be read: each one's record says why, nothing was created
+                results = [VideoLabels(video=str(path), id=vid, error=report.failed.get(vid)
+                                       or f"{path}: no features were extracted") for vid, path in ids.items()]
+                for result in results:
+                    result.model, result.checkpoint = self.model, str(self.config.checkpoint)
+                    emit("labelled", {"id": result.id, "error": result.error})
+                return results, report
             with FeatureCache(cache_path, "r") as cache:
                 differing = spec_differences(self.labeller.feature_spec, cache.spec or {})
                 if differing:

@@ -1,12 +1,15 @@
 """What a batch run (``extract``, ``decode``) has to do: shards, skips of finished videos, recorded failures.
 
 A video already in the store is skipped when its source file is unchanged (same size and mtime); a changed file at the
-same path is done again (its new entry replaces the old one); the same id for another file is a per-video failure.
+same path is done again (its new entry replaces the old one), and so is a file whose stored entry came from a file
+that no longer exists (moved); the same id for another file that exists is a per-video failure. An input that cannot
+be read (missing, not a file, no permission, empty) is that video's failure before anything else is said about it.
 Recorded failures are retried only when asked.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,12 @@ def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: 
             if same_source(attrs, path):
                 report.skipped.append(vid)
                 continue
-            if str(Path(attrs.get("source_path", "")).resolve()) != str(path.resolve()):
+            problem = unreadable(path)
+            if problem:  # a mistyped path is a missing file, not a collision with the stored one
+                report.failed[vid] = problem
+                continue
+            other = Path(attrs.get("source_path", ""))
+            if str(other.resolve()) != str(path.resolve()) and os.path.lexists(other):
                 report.failed[vid] = (f"{path}: video id {vid!r} is already in the cache for another file "
                                       f"({attrs.get('source_path')}); rename one of them")
                 continue
@@ -60,6 +68,32 @@ def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: 
             continue
         todo[vid] = path
     return todo
+
+
+def unreadable(path: Path) -> str | None:
+    """The one-line failure of an input that cannot be read at all (``<path>: missing file: ...``, as the decoder
+    would say it), checked without opening it; None for a file worth decoding."""
+    from avepipe import media
+    from avepipe.errors import MediaError
+
+    try:
+        media._check_file(path)
+    except MediaError as exc:
+        return str(exc)
+    return None
+
+
+def unreadable_inputs(paths: list[Path], shard: tuple[int, int] | None) -> dict[str, str] | None:
+    """id -> failure of every input when none of them can be read (a run that has nothing to decode: it creates,
+    locks and loads nothing); None when some input can be read."""
+    ids = select_shard(assign_ids(paths), shard)
+    failures = {}
+    for vid, path in ids.items():
+        problem = unreadable(path)
+        if problem is None:
+            return None
+        failures[vid] = problem
+    return failures
 
 
 def record_plan_failures(store: FeatureCache, paths: list[Path], report: BatchReport) -> None:

@@ -201,6 +201,8 @@ class ExtractProgress:
         parts = [f"{plural(fields['skipped'], 'video')} already in the cache: skipped"] if fields["skipped"] else []
         if earlier:
             parts.append(f"{earlier} failed earlier (--retry-failed to try them again)")
+        if fields.get("unreadable"):
+            parts.append(f"{plural(fields['unreadable'], 'input')} could not be read")
         if not fields["todo"]:
             console.print(f"nothing to {self.label}: " + "; ".join(parts or ["no videos"]), soft_wrap=True)
             return
@@ -292,7 +294,7 @@ def render_extract_report(console: Console, errors: Console, report: Any, cache:
     for vid, message in sorted(report.previously_failed.items()):
         errors.print(f"[yellow]failed earlier[/] {escape(vid)}: {escape(message)} (use --retry-failed)",
                      soft_wrap=True)
-    if (report.failed or report.previously_failed) and what == "extract":
+    if (report.failed or report.previously_failed) and what == "extract" and Path(cache).exists():
         errors.print(f"{len(report.failed) + len(report.previously_failed)} failed; the list stays in the cache: "
                      f"avepipe cache ls {escape(str(cache))} --failed", soft_wrap=True)
 

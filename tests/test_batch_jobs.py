@@ -209,3 +209,62 @@ def test_localize_progress_lines_go_to_stderr(tmp_path, small_checkpoint, monkey
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip())["label"]
     assert "extract 1/1 videos" in result.stderr and "extract" not in result.stdout
+
+
+# --- rows 3 and 9: per-video problems first; nothing created when no input can be read -------------------------------
+
+NO_WEIGHTS = ["--vgg19-weights", "/nonexistent/vgg19.h5", "--vggish-weights", "/nonexistent/vggish.pth",
+              "--device", "cpu"]
+
+
+def test_localize_a_missing_file_is_that_videos_problem_not_the_weights(tmp_path, small_checkpoint):
+    missing = tmp_path / "missing.mp4"
+    result = run_cli("localize", missing, "--checkpoint", small_checkpoint, *NO_WEIGHTS)
+    assert result.returncode == 1, result.stderr  # a per-video failure (exit 1), not a usage error (exit 2)
+    assert f"failed: {missing}: missing file" in result.stderr
+    assert "weights" not in result.stderr.lower() and "Traceback" not in result.stderr
+    import avepipe
+
+    records = avepipe.localize([missing], small_checkpoint, device="cpu", vgg19_weights="/nonexistent/vgg19.h5",
+                               vggish_weights="/nonexistent/vggish.pth")
+    assert [r.id for r in records] == ["missing"] and "missing file" in records[0].error and not records[0].seconds
+
+
+def test_extract_with_no_readable_input_creates_nothing_and_loads_nothing(tmp_path):
+    cache = tmp_path / "x.h5"
+    result = run_cli("extract", tmp_path / "missing.mp4", "--cache", cache, *NO_WEIGHTS)
+    assert result.returncode == 1, result.stderr
+    assert f"failed: {tmp_path / 'missing.mp4'}: missing file" in result.stderr and "weights" not in result.stderr
+    assert "nothing to extract: 1 input could not be read" in result.stdout
+    assert "cache ls" not in result.stderr  # nothing was recorded: no cache to look at
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no x.h5, no lock, no staging folder
+
+
+def test_an_id_collision_is_said_only_when_the_other_file_exists(tmp_path):
+    import numpy as np
+
+    from avepipe.cache import FeatureCache
+    from avepipe.planning import BatchReport, plan
+    from avepipe.settings import ExtractConfig
+
+    stored = make_clip(tmp_path / "a" / "clip.mp4", 1.0, size="64x48") if (tmp_path / "a").mkdir() is None else None
+    cache_path = tmp_path / "f.h5"
+    with FeatureCache(cache_path, "a") as cache:
+        cache.ensure_spec({"spec_version": 1, "sampling": "ave", "synthetic": True})
+        cache.put("clip", np.zeros((1, 7, 7, 512), np.float32), np.zeros((1, 128), np.float32),
+                  {"seconds": 1, "source_path": str(stored.resolve()), "source_size": 1, "source_mtime": 0.0})
+
+    def planned(path: Path) -> tuple[dict, BatchReport]:
+        report = BatchReport()
+        with FeatureCache(cache_path, "r") as reader:
+            return plan([path], reader, ExtractConfig(), report), report
+
+    todo, report = planned(tmp_path / "typo" / "clip.mp4")  # a mistyped folder: a missing file
+    assert not todo and "missing file" in report.failed["clip"] and "already in the cache" not in report.failed["clip"]
+    other = make_clip(tmp_path / "b" / "clip.mp4", 1.0, size="64x48", freq=700) \
+        if (tmp_path / "b").mkdir() is None else None
+    todo, report = planned(other)  # another existing file with the same id: the collision
+    assert "already in the cache for another file" in report.failed["clip"]
+    stored.unlink()  # the stored entry's file is gone (moved): extracted again, no collision
+    todo, report = planned(other)
+    assert todo == {"clip": other} and not report.failed
