@@ -585,8 +585,9 @@ def comparison_table(result: dict[str, Any]) -> Table:
     def pct(value: Any) -> str:
         return "—" if value is None else f"{100 * value:.1f}" if value <= 1 else f"{value:.1f}"
 
-    table = Table(title=f"{result['model']} {result['task']}{' ' + result['direction'] if result['direction'] else ''}"
-                        f": avepipe vs the paper (%)")
+    on_ave = result.get("dataset", "AVE") == "AVE"  # a custom dataset: nothing about papers
+    name = f"{result['model']} {result['task']}{' ' + result['direction'] if result['direction'] else ''}"
+    table = Table(title=f"{name}: avepipe vs the paper (%)" if on_ave else f"{name} (%)")
     for column in ("number", "value", "epoch chosen on"):
         table.add_column(column)
     table.add_row(f"this evaluation ({result['split']})", pct(result[result["metric"]]), "—")
@@ -594,6 +595,8 @@ def comparison_table(result: dict[str, Any]) -> Table:
                   f"val (epoch {result.get('val_selected_epoch')})")
     table.add_row("ORACLE: best test over epochs", pct(result.get("oracle_best_test")),
                   f"test (epoch {result.get('oracle_best_test_epoch')}) — not a fair estimate")
+    if not on_ave:
+        return table
     published = result.get("published") or {}
     table.add_row(f"paper ({published.get('source', 'no published number')})", pct(published.get("value")),
                   published.get("selection", "—"))

@@ -492,7 +492,9 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     if options.task == "cml" and options.direction == JOINT:
         metrics.update({f"test_{metric}_{d}": v for d, v in evaluate_directions(best_model, data, "test").items()})
     metrics.update(oracle_summary(state["history"], metric))
-    metrics["published"] = published_number(options.model, options.task, options.direction)
+    on_ave = ave.is_ave_release(paths.annotations)  # the papers' numbers are AVE's: only then compared
+    metrics["dataset"] = "AVE" if on_ave else "custom"
+    metrics["published"] = published_number(options.model, options.task, options.direction) if on_ave else None
     metrics["history"] = state["history"]
     best["metrics"] = {k: v for k, v in metrics.items() if k != "history"}
     save_checkpoint(best, best_path)
@@ -612,7 +614,9 @@ def evaluate(checkpoint: PathLike, paths: DataPaths, split: str = "test", device
               "oracle_best_test": trained.get(f"oracle_best_test_{metric}"),
               "oracle_best_test_epoch": trained.get("oracle_best_test_epoch"),
               "background_videos": trained.get("background_videos"),
-              "published": published_number(ckpt["model"], ckpt["task"], ckpt.get("direction"))}
+              "dataset": "AVE" if ave.is_ave_release(paths.annotations) else "custom"}
+    result["published"] = (published_number(ckpt["model"], ckpt["task"], ckpt.get("direction"))
+                           if result["dataset"] == "AVE" else None)
     if ckpt["task"] == "cml" and ckpt.get("direction") == JOINT:
         result.update({f"{metric}_{d}": v for d, v in evaluate_directions(model, data, split).items()})
     return result

@@ -268,3 +268,33 @@ def test_an_id_collision_is_said_only_when_the_other_file_exists(tmp_path):
     stored.unlink()  # the stored entry's file is gone (moved): extracted again, no collision
     todo, report = planned(other)
     assert todo == {"clip": other} and not report.failed
+
+
+# --- row 5: the paper comparison only on AVE -------------------------------------------------------------------------
+
+
+def test_the_paper_comparison_only_on_the_ave_annotations(tmp_path, synthetic, ave_dir):
+    from avepipe.data.ave import is_ave_release
+
+    features, annotations = synthetic
+    run = tmp_path / "run"
+    trained = run_cli("train", "--model", "avel", "--features", features, "--annotations", annotations, "--out", run,
+                      "--epochs", "1", "--batch-size", "8", "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["dataset"] == "custom" and metrics["published"] is None
+    evaluated = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--features", features, "--annotations",
+                        annotations, "--device", "cpu", "--out", "-")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["dataset"] == "custom" and result["published"] is None
+    said = (evaluated.stderr + trained.stdout).replace("(paper preset)", "").replace(str(tmp_path), "")
+    assert "paper" not in said.lower() and "published" not in said.lower()
+    assert "ORACLE" in evaluated.stderr  # the honest numbers stay
+    # The AVE release is recognised by its checksum, with or without the header line; an edited copy is not AVE.
+    text = (ave_dir / "Annotations.txt").read_bytes()
+    assert is_ave_release(ave_dir / "Annotations.txt")
+    (tmp_path / "bare.txt").write_bytes(text.split(b"\n", 1)[1])
+    assert is_ave_release(tmp_path / "bare.txt")
+    (tmp_path / "edited.txt").write_bytes(text.replace(b"&good&", b"&bad&", 1))
+    assert not is_ave_release(tmp_path / "edited.txt")

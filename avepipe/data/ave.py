@@ -260,3 +260,20 @@ def load_noisy(ave_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if labels.shape != (audio.shape[0], NUM_CLASSES):
         raise ValueError(f"labels_noisy.h5: expected [{audio.shape[0]}, {NUM_CLASSES}], got {labels.shape}")
     return audio, labels
+
+
+def is_ave_release(annotations: str | os.PathLike) -> bool:
+    """Whether ``annotations`` is the AVE release's Annotations.txt (with or without its header line), recognised by
+    its checksum in the release manifest: only then do the papers' AVE numbers compare with a run on it."""
+    import hashlib
+    import json
+    from importlib import resources
+
+    try:
+        data = Path(annotations).read_bytes()
+    except OSError:
+        return False
+    entry = json.loads(resources.files("avepipe.data").joinpath("ave_manifest.json").read_text())["Annotations.txt"]
+    first, _, rest = data.partition(b"\n")
+    candidates = [data] + ([rest] if first.startswith(b"Category&") else [])
+    return any(hashlib.sha256(text).hexdigest() == entry["sha256"] for text in candidates)
