@@ -334,6 +334,15 @@ class FeatureCache:
             raise CacheError(f"{self.path}: no such cache")
         self._validate_main()
 
+    def leftovers(self) -> list[Path]:
+        """What a killed writer left beside the store (a compaction's temporary, the size of the whole store, or a
+        staged entry's): never read, removed when a writer opens the store. Only meaningful when no writer holds the
+        lock (a live writer's temporaries look the same): see :func:`writer_of`."""
+        found = sorted(self.path.parent.glob(f".{self.path.name}.compact-*"))
+        if self.staging.is_dir():
+            found += sorted(self.staging.glob(".*.tmp*"))
+        return found
+
     # -- locking -------------------------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
         path = lock_path(self.path)

@@ -36,7 +36,7 @@ from avepipe.backbones.extractor import (
 from avepipe.cache import FeatureCache, writer_of
 from avepipe.decode import DecodeSource, Failed, Finished, Message, Second, Started, VideoTask
 from avepipe.decoded import DecodedSource
-from avepipe.devices import resolve_device
+from avepipe.devices import resolve_device, warn_cpu_fallback
 from avepipe.errors import AvepipeError, UsageError
 from avepipe.partial import PartialStore
 from avepipe.planning import BatchReport, plan, record_plan_failures, source_fields, unreadable_inputs
@@ -281,7 +281,7 @@ def check_config(config: ExtractConfig) -> torch.device:
     if config.sampling not in SAMPLING_MODES:
         raise UsageError(f"--sampling {config.sampling}: choose one of {', '.join(SAMPLING_MODES)}")
     try:
-        device = resolve_device(config.device)
+        device = resolve_device(config.device, warn=False)  # the CPU warning comes when a backbone loads
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     resolve_precision(config.precision, device)
@@ -334,6 +334,7 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
             todo = plan(paths, cache, config, report)
             backbones = None
             if todo:  # only now: a run with nothing to extract loads (and needs) no weights
+                warn_cpu_fallback(device)
                 backbones = load_backbones() if load_backbones is not None else Backbones(config, device)
                 cache.ensure_spec(backbones.spec(config.sampling))
             cache.ensure_shard(config.shard)  # `cache merge` checks that it gets every shard of one run
