@@ -568,7 +568,8 @@ def loud_warnings() -> Iterator[None]:
             return
         if issubclass(category, (DataWarning, DeviceWarning)):
             shown.add(str(message))
-            errors.print(f"[bold yellow]WARNING:[/] [yellow]{escape(str(message))}[/]", soft_wrap=True)
+            text = str(message).replace("device='auto'", "--device auto")  # worded for Python; the flag here
+            errors.print(f"[bold yellow]WARNING:[/] [yellow]{escape(text)}[/]", soft_wrap=True)
         else:
             previous(message, category, *_args, **_kwargs)
 

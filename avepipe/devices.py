@@ -2,8 +2,10 @@
 
 ``auto`` is CUDA when torch can use it, else the CPU, and never silently: the CPU choice comes with a
 :class:`~avepipe.errors.DeviceWarning` saying why CUDA cannot be used (a torch build without CUDA, no GPU visible,
-a driver older than the torch build needs ...). ``cuda``/``cuda:N`` on a machine without it is a usage error with the
-same reason.
+a driver older than the torch build needs ...), worded for Python (``device='auto'``; the command line shows it as
+``--device auto``). Work that is quick on a CPU (evaluating, labelling cached features) resolves the device with
+``warn=False``; the warning then comes once, when a backbone is loaded (:func:`warn_cpu_fallback`).
+``cuda``/``cuda:N`` on a machine without it is a usage error with the same reason.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class DeviceError(UsageError, ValueError):
 
 
 _init_messages: list[str] = []  # what torch said when CUDA failed to initialise (it says so once per process)
+_pending_fallback: list[str] = []  # why a quiet `auto` chose the CPU, said by warn_cpu_fallback once
 
 
 def cuda_available() -> bool:
@@ -91,14 +94,18 @@ def cuda_unavailable_reason() -> str:
             f"{built})")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU with a :class:`DeviceWarning` that says why. Raises
+def resolve_device(name: str, warn: bool = True) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU with a :class:`DeviceWarning` that says why (``warn=False``: kept
+    for :func:`warn_cpu_fallback`, for work that is quick on a CPU unless a backbone has to run). Raises
     :class:`DeviceError` for a name torch does not know or a CUDA device this machine does not have."""
     if name == "auto":
         if cuda_available():
             return torch.device("cuda")
-        warnings.warn(DeviceWarning(f"--device auto runs on the CPU (far slower than a GPU): "
-                                    f"{cuda_unavailable_reason()}"), stacklevel=2)
+        message = f"device='auto' runs on the CPU (far slower than a GPU): {cuda_unavailable_reason()}"
+        if warn:
+            warnings.warn(DeviceWarning(message), stacklevel=2)
+        else:
+            _pending_fallback[:] = [message]
         return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -110,6 +117,13 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def warn_cpu_fallback(device: torch.device) -> None:
+    """The :class:`DeviceWarning` of a quiet ``auto`` that chose the CPU (see :func:`resolve_device`), once, when the
+    slow work (a backbone) starts on ``device``."""
+    if device.type == "cpu" and _pending_fallback:
+        warnings.warn(DeviceWarning(_pending_fallback.pop()), stacklevel=2)
 
 
 def native_bf16(device: torch.device) -> bool:

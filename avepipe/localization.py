@@ -44,7 +44,7 @@ from avepipe.cache import FeatureCache
 from avepipe.checkpoint import class_name, known_classes, load_checkpoint
 from avepipe.data.ave import BACKGROUND
 from avepipe.data.features import NonFiniteFeaturesError, check_finite
-from avepipe.devices import resolve_device
+from avepipe.devices import resolve_device, warn_cpu_fallback
 from avepipe.errors import UsageError
 from avepipe.extract import ExtractReport, check_config, run_extract
 from avepipe.inputs import assign_ids, discover, select_shard
@@ -346,7 +346,7 @@ class Localizer:
         self.config = LocalizeConfig(checkpoint=checkpoint, cache=cache, device=device, workers=workers,
                                      vgg19_weights=vgg19_weights, vggish_weights=vggish_weights,
                                      pca_params=pca_params, precision=precision, retry_failed=retry_failed)
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, warn=False)  # labelling is quick on a CPU; backbones warn
         self.labeller = CheckpointLabeller(checkpoint, self.device)
         spec = self.labeller.feature_spec
         # The feature options follow the checkpoint: its sampling mode and PCA setting are those it was trained on.
@@ -374,6 +374,7 @@ class Localizer:
     def backbones(self) -> Backbones:
         """VGG-19 and VGGish, loaded on the first call (all missing weights files in one error) and kept."""
         if self._backbones is None:
+            warn_cpu_fallback(self.device)
             self._backbones = Backbones(self.extract_config, self.device)
         return self._backbones
 
@@ -382,6 +383,7 @@ class Localizer:
         if self._backbones is not None:
             return self._backbones
         if self._audio_backbones is None:
+            warn_cpu_fallback(self.device)
             self._audio_backbones = Backbones(self.extract_config, self.device, visual=False)
         return self._audio_backbones
 

@@ -595,7 +595,7 @@ def evaluate(checkpoint: PathLike, paths: DataPaths, split: str = "test", device
     """The checkpoint's metric on one split of the data (a warning when the features differ from its training's)."""
     if split not in ave.SPLITS:
         raise UsageError(f"--split {split}: choose {', '.join(ave.SPLITS[:-1])} or {ave.SPLITS[-1]}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, warn=False)  # evaluating is quick on a CPU: no warning
     model, ckpt = load_checkpoint(checkpoint, dev)
     data = load_task_data(paths, ckpt["task"], (split,), dev, trained_on=(ckpt, checkpoint))
     trained_on = json.loads(ckpt.get("feature_spec") or "{}")

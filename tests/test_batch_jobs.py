@@ -298,3 +298,39 @@ def test_the_paper_comparison_only_on_the_ave_annotations(tmp_path, synthetic, a
     assert is_ave_release(tmp_path / "bare.txt")
     (tmp_path / "edited.txt").write_bytes(text.replace(b"&good&", b"&bad&", 1))
     assert not is_ave_release(tmp_path / "edited.txt")
+
+
+# --- row 13: the CPU warning once, where it matters, worded for its reader --------------------------------------------
+
+
+def test_the_cpu_warning_once_per_command_that_loads_a_backbone_or_trains(tmp_path, synthetic, small_checkpoint):
+    import warnings
+
+    import torch
+
+    from avepipe.devices import resolve_device
+    from avepipe.errors import DeviceWarning
+
+    env = {"CUDA_VISIBLE_DEVICES": ""}  # CUDA unusable on any machine
+    features, annotations = synthetic
+    trained = run_cli("train", "--model", "avel", "--features", features, "--annotations", annotations, "--out",
+                      tmp_path / "run", "--epochs", "1", "--batch-size", "8", "--seeds", "2", env=env)
+    assert trained.returncode == 0, trained.stderr
+    assert trained.stderr.count("WARNING: --device auto runs on the CPU") == 1, trained.stderr  # 2 runs, 1 line
+    evaluated = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "seed-0" / "checkpoint.pt", "--features",
+                        features, "--annotations", annotations, env=env)
+    assert evaluated.returncode == 0 and "WARNING" not in evaluated.stderr, evaluated.stderr  # seconds on a CPU
+    clip = make_clip(tmp_path / "clip.mp4", 1.0, size="64x48")
+    common = [clip, "--checkpoint", small_checkpoint, "--cache", tmp_path / "f.h5", "--vgg19-weights", "random",
+              "--vggish-weights", "random", "--workers", "0"]
+    first = run_cli("localize", *common, env=env)  # extracts: backbones load
+    assert first.returncode == 0 and first.stderr.count("WARNING: --device auto runs on the CPU") == 1, first.stderr
+    again = run_cli("localize", *common, env=env)  # cached: no backbone, no warning
+    assert again.returncode == 0 and "--device auto" not in again.stderr, again.stderr
+    # In Python the warning names the argument, not the command line's flag.
+    if not torch.cuda.is_available():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resolve_device("auto")
+        [message] = [str(w.message) for w in caught if issubclass(w.category, DeviceWarning)]
+        assert message.startswith("device='auto' runs on the CPU") and "--device" not in message

@@ -32,7 +32,8 @@ def auto_warning() -> str:
         assert resolve_device("auto") == torch.device("cpu")
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert message.startswith("--device auto runs on the CPU (far slower than a GPU): ") and "\n" not in message
+    # worded for Python (the command line shows it as --device auto)
+    assert message.startswith("device='auto' runs on the CPU (far slower than a GPU): ") and "\n" not in message
     return message
 
 
@@ -88,12 +89,16 @@ def test_the_command_line_prints_one_loud_line_and_exits_2_for_cuda(tmp_path):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"")  # never opened: the device is checked first
     env = {"CUDA_VISIBLE_DEVICES": ""}
-    auto = run_cli("localize", clip, "--checkpoint", tmp_path / "missing.pt", env=env)
-    warned = [line for line in auto.stderr.splitlines() if "WARNING" in line]
+    from tests.helpers import make_clip
+
+    real = make_clip(tmp_path / "real.mp4", 1.0, size="64x48")
+    auto = run_cli("extract", real, "--cache", tmp_path / "f.h5", "--vgg19-weights", "random", "--vggish-weights",
+                   "random", "--workers", "0", env=env)  # the warning comes once, as the backbones load
+    warned = [line for line in auto.stderr.splitlines() if "WARNING: --device" in line]
     assert len(warned) == 1 and "--device auto runs on the CPU" in warned[0], auto.stderr
     expected = cuda_unavailable_reason() if not torch.version.cuda else "CUDA_VISIBLE_DEVICES='' hides every GPU"
     assert warned[0].endswith(expected), (warned, expected)
-    assert auto.returncode == 2 and "missing.pt" in auto.stderr  # then the command goes on (here: to its error)
+    assert auto.returncode == 0, auto.stderr  # then the command goes on
 
     cuda = run_cli("extract", clip, "--cache", tmp_path / "f.h5", "--device", "cuda", env=env)
     lines = [line for line in cuda.stderr.splitlines() if line.strip()]
