@@ -218,16 +218,18 @@ class DecodedSource:
 
 def stale_entry(meta: dict[str, Any], path: Path) -> str | None:
     """Why a store entry (source path, size and mtime, as the feature cache records them) does not hold the frames
-    of ``path`` now; None when it does."""
+    of ``path`` now; None when it does. As in the feature cache, the same size and mtime is the same file, wherever it
+    is now (decoded on one machine, extracted on another that mounts the videos elsewhere, or moved)."""
+    if not os.path.isfile(path):
+        return "the file is missing"
+    if same_source(meta, path):
+        return None
     recorded = str(meta.get("source_path", ""))
     if recorded and recorded != str(path.resolve()):
-        return f"the entry of this id was decoded from another file, {recorded}"
-    if not os.path.isfile(path):
-        return "the file is missing (the entry was decoded from this path)"
-    if not same_source(meta, path):
-        return (f"its entry was decoded from an earlier version of this file (size {meta.get('source_size')}, "
+        return (f"the entry of this id was decoded from another file, {recorded} (size {meta.get('source_size')}, "
                 f"mtime {meta.get('source_mtime')})")
-    return None
+    return (f"its entry was decoded from an earlier version of this file (size {meta.get('source_size')}, "
+            f"mtime {meta.get('source_mtime')})")
 
 
 def _gone(task: VideoTask, store: Path, exc: BaseException) -> str:

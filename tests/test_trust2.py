@@ -51,11 +51,18 @@ def test_row1_from_decoded_refuses_an_entry_of_another_file_with_the_same_id(tmp
     os.utime(made, (1, 1))
     changed = list(DecodedSource(store, [VideoTask("clip", str(made))], "ave"))
     assert isinstance(changed[0], Failed) and "earlier version" in changed[0].error
+    # The same file elsewhere (another machine's mount, a move: same size and mtime) is the file: read back.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    copy = moved / "clip.mp4"
+    copy.write_bytes(other.read_bytes())
+    os.utime(copy, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns))
     # The unchanged file still reads back.
     fresh = tmp_path / "fresh.h5"
     _decode([other], fresh)
-    kinds = [type(m) for m in DecodedSource(fresh, [VideoTask("clip", str(other))], "ave")]
-    assert kinds == [Started, Second, Second, Finished]
+    for path in (other, copy):
+        kinds = [type(m) for m in DecodedSource(fresh, [VideoTask("clip", str(path))], "ave")]
+        assert kinds == [Started, Second, Second, Finished]
 
 
 # -- row 2 ------------------------------------------------------------------------------------------------------------
