@@ -92,7 +92,7 @@ def test_the_command_line_prints_one_loud_line_and_exits_2_for_cuda(tmp_path):
     from tests.helpers import make_clip
 
     real = make_clip(tmp_path / "real.mp4", 1.0, size="64x48")
-    auto = run_cli("extract", real, "--cache", tmp_path / "f.h5", "--vgg19-weights", "random", "--vggish-weights",
+    auto = run_cli("extract", real, "--cache", tmp_path / "auto.h5", "--vgg19-weights", "random", "--vggish-weights",
                    "random", "--workers", "0", env=env)  # the warning comes once, as the backbones load
     warned = [line for line in auto.stderr.splitlines() if "WARNING: --device" in line]
     assert len(warned) == 1 and "--device auto runs on the CPU" in warned[0], auto.stderr
