@@ -525,8 +525,24 @@ class DownloadProgress:
                               f"{escape(fields['message'])}", soft_wrap=True)
 
 
+def render_unreachable(errors: Console, outcomes: list, remedy: str) -> list:
+    """The failures of files whose host this machine cannot reach (offline, no DNS), as one line naming the hosts,
+    the files and ``remedy``; returns the other outcomes."""
+    offline = [item for item in outcomes if getattr(item, "unreachable", "")]
+    if offline:
+        hosts = ", ".join(dict.fromkeys(item.unreachable for item in offline))
+        names = ", ".join(item.name for item in offline)
+        reason = offline[0].message.rsplit(": ", 1)[-1]
+        errors.print(f"[bold red]error:[/] this machine cannot reach {escape(hosts)} ({escape(reason)}): "
+                     f"{escape(names)} not downloaded; {remedy}", soft_wrap=True)
+    return [item for item in outcomes if not getattr(item, "unreachable", "")]
+
+
 def render_weights_outcomes(console: Console, errors: Console, outcomes: list) -> None:
-    """One line per item of ``avepipe weights download`` / ``import``: done on stdout, failures on stderr."""
+    """One line per item of ``avepipe weights download`` / ``import``: done on stdout, failures on stderr; the files
+    of a host this machine cannot reach in one line with the ways around it."""
+    outcomes = render_unreachable(errors, outcomes, "copy them from a machine that can, then `avepipe weights import "
+                                                    "FILE...`, or use --mirror URL|FOLDER")
     for item in outcomes:
         message = escape(item.message)
         if item.status == "failed":
@@ -543,7 +559,9 @@ def render_weights_outcomes(console: Console, errors: Console, outcomes: list) -
 
 def render_dataset_outcomes(console: Console, errors: Console, outcomes: list) -> None:
     """One line per item of ``avepipe dataset download-ave``: done on stdout, failures on stderr, and a file accepted
-    without a published checksum (trust on first use) as a loud warning on stderr."""
+    without a published checksum (trust on first use) as a loud warning on stderr; the files of a host this machine
+    cannot reach in one line with the way around it."""
+    outcomes = render_unreachable(errors, outcomes, "use --mirror URL|FOLDER with a copy of the release")
     for item in outcomes:
         message = escape(item.message)
         if item.status == "failed":

@@ -334,3 +334,17 @@ def test_the_cpu_warning_once_per_command_that_loads_a_backbone_or_trains(tmp_pa
             resolve_device("auto")
         [message] = [str(w.message) for w in caught if issubclass(w.category, DeviceWarning)]
         assert message.startswith("device='auto' runs on the CPU") and "--device" not in message
+
+
+# --- row 6: weights download offline ---------------------------------------------------------------------------------
+
+
+def test_weights_download_offline_is_one_line_with_the_ways_around(tmp_path):
+    # A host that never resolves (.invalid, RFC 2606) stands for a machine without network or DNS.
+    result = run_cli("weights", "download", "--mirror", "http://weights.avepipe.invalid/files",
+                     env={"AVEPIPE_WEIGHTS_DIR": str(tmp_path / "weights")}, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: this machine cannot reach weights.avepipe.invalid (")
+    assert "avepipe weights import FILE" in lines[0] and "--mirror" in lines[0]
+    assert "retry" not in result.stderr and not list((tmp_path / "weights").glob("*.part"))

@@ -57,6 +57,16 @@ class Outcome:
     message: str = ""
     official: bool = True  # False: unofficial weights, or a file accepted without a published checksum
     sha256: str = ""  # of the file in place, when this call computed it (downloaded or verified)
+    unreachable: str = ""  # failed because this machine cannot reach this host (offline, no DNS, no route)
+
+
+class _Unreachable(DownloadError):
+    """The host cannot be reached from this machine at all (no name resolution, no route): retrying will not help,
+    and every file from it fails the same way (the command line says so in one line)."""
+
+    def __init__(self, message: str, host: str):
+        super().__init__(message)
+        self.host = host
 
 
 class _Retryable(Exception):
@@ -145,7 +155,7 @@ def download_entry(name: str, entry: dict[str, Any], directory: Path, *, url: Op
     try:
         _fetch(name, url, part, entry.get("size"), report, retries, timeout, backoff, entry.get("max_size"))
     except DownloadError as exc:
-        return Outcome(name, str(final), "failed", str(exc))
+        return Outcome(name, str(final), "failed", str(exc), unreachable=getattr(exc, "host", ""))
     problem = check(part) if check is not None else None
     if problem:
         part.unlink()
@@ -211,7 +221,16 @@ def _fetch_once(name: str, url: str, part: Path, have: int, size: Optional[int],
             raise _Retryable(f"HTTP {exc.code} {exc.reason}") from None
         raise DownloadError(f"{part.name.removesuffix('.part')}: HTTP {exc.code} {exc.reason} for {url}") from None
     except URLError as exc:
-        if isinstance(exc.reason, (socket.gaierror, FileNotFoundError, PermissionError)):  # retrying will not help
+        import errno
+        from urllib.parse import urlsplit
+
+        offline = isinstance(exc.reason, socket.gaierror) or (
+            isinstance(exc.reason, OSError) and exc.reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH))
+        if offline:  # no name resolution or no route: this machine cannot reach the host; retrying will not help
+            reason = exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
+            raise _Unreachable(f"{part.name.removesuffix('.part')}: cannot reach {url}: {reason}",
+                               urlsplit(url).hostname or url) from None
+        if isinstance(exc.reason, (FileNotFoundError, PermissionError)):  # retrying will not help
             raise DownloadError(f"{part.name.removesuffix('.part')}: cannot reach {url}: {exc.reason}") from None
         raise _Retryable(f"cannot connect to {url}: {exc.reason}") from None
     except (OSError, http.client.HTTPException) as exc:
