@@ -500,21 +500,30 @@ def weights_download(
     raise typer.Exit(EXIT_SOME_FAILED if any(item.status == "failed" for item in outcomes) else EXIT_OK)
 
 
-@weights_app.command("import", cls=_Command, epilog=epilog("avepipe weights import ~/Downloads/vggish-10086976.pth"))
+@weights_app.command("import", cls=_Command, epilog=epilog(
+    "avepipe weights import ~/Downloads/vggish-10086976.pth",
+    "avepipe weights import /mnt/usb/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 /mnt/usb/vggish-10086976.pth"))
 def weights_import(
-    file: Annotated[Path, typer.Argument(help="A weights file you already have.")],
+    files: Annotated[List[Path], typer.Argument(help="Weights files you already have (each found by its checksum).")],
     as_name: Annotated[Optional[str], typer.Option(
-        "--as", help="Manifest name it stands for (default: found by checksum).")] = None,
+        "--as", help="Manifest name it stands for (one file only; default: found by checksum).")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Import it even if it is not the official file (recorded as unofficial).")] = False,
 ) -> None:
-    """Copy a weights file into the weights dir under its manifest name, after checking it is the official file."""
+    """Copy weights files into the weights dir under their manifest names, after checking each is the official file.
+    """
     from avepipe.backbones.download import import_file
+    from avepipe.errors import WeightsError
     from avepipe.render import render_weights_outcomes
 
-    outcome = import_file(file, as_name, force=force)
-    render_weights_outcomes(console, errors, [outcome])
-    raise typer.Exit(EXIT_SOME_FAILED if outcome.status == "failed" else EXIT_OK)
+    if as_name is not None and len(files) > 1:
+        raise UsageError(f"--as {as_name} names the entry of one file, not of {len(files)}: import them one by one")
+    missing = [str(file) for file in files if not file.is_file()]
+    if missing:  # refused before anything is copied
+        raise WeightsError(f"{', '.join(missing)}: no such file")
+    outcomes = [import_file(file, as_name, force=force) for file in files]
+    render_weights_outcomes(console, errors, outcomes)
+    raise typer.Exit(EXIT_SOME_FAILED if any(item.status == "failed" for item in outcomes) else EXIT_OK)
 
 
 @weights_app.command("verify", cls=_Command, epilog=epilog("avepipe weights verify", "avepipe weights verify vgg19"))

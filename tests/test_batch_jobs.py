@@ -348,3 +348,25 @@ def test_weights_download_offline_is_one_line_with_the_ways_around(tmp_path):
     assert lines[0].startswith("error: this machine cannot reach weights.avepipe.invalid (")
     assert "avepipe weights import FILE" in lines[0] and "--mirror" in lines[0]
     assert "retry" not in result.stderr and not list((tmp_path / "weights").glob("*.part"))
+
+
+# --- row 11: weights import A B ---------------------------------------------------------------------------------------
+
+
+def test_weights_import_takes_several_files(tmp_path, weights_dir):
+    target = tmp_path / "weights"
+    env = {"AVEPIPE_WEIGHTS_DIR": str(target)}
+    files = [weights_dir / "vggish_pca_params.npz", weights_dir / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"]
+    result = run_cli("weights", "import", *files, env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in target.iterdir()) == sorted(f.name for f in files)
+    assert "vggish_pca: imported" in result.stdout and "vgg19: imported" in result.stdout
+    stray = tmp_path / "stray.bin"
+    stray.write_bytes(b"not weights")
+    mixed = run_cli("weights", "import", files[0], stray, env=env)  # each file is its own outcome
+    assert mixed.returncode == 1 and "vggish_pca" in mixed.stdout and "stray.bin matches no manifest entry" in \
+        mixed.stderr
+    absent = run_cli("weights", "import", files[0], tmp_path / "absent.h5", env=env)  # refused before any copy
+    assert absent.returncode == 2 and f"{tmp_path / 'absent.h5'}: no such file" in absent.stderr
+    named = run_cli("weights", "import", *files, "--as", "vgg19", env=env)
+    assert named.returncode == 2 and "--as vgg19 names the entry of one file" in named.stderr
