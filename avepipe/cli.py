@@ -894,9 +894,30 @@ def dataset_init(
         shown = ", ".join(longer[:5]) + (", ..." if len(longer) > 5 else "")
         errors.print(f"[yellow]note:[/] {len(longer)} videos are longer than 10 s ({escape(shown)}): train and "
                      "evaluate use their first 10 s", soft_wrap=True)
-    console.print(f"next: avepipe extract --list {escape(str(folder / 'videos.txt'))} "
-                  f"--cache {escape(str(folder / 'features.h5'))}")
-    console.print(f"then: avepipe train --model avel --dataset {escape(str(folder))} --out runs/mine")
+    for line in next_steps(folder):
+        console.print(escape(line), soft_wrap=True)
+
+
+def next_steps(folder: Path) -> list[str]:
+    """The commands that take a new dataset folder to a trained model on this machine, as they run here: weights
+    first where VGG-19 is missing, ``--vggish-weights random`` where only VGGish is (with a note on stderr)."""
+    import shlex
+
+    from avepipe.backbones.weights import weights_dir, weights_status
+
+    usable = {name: weights_status(name).state in ("official", "unofficial") for name in ("vgg19", "vggish")}
+    extract = ["avepipe", "extract", "--list", str(folder / "videos.txt"), "--cache", str(folder / "features.h5")]
+    steps = []
+    if not usable["vgg19"]:
+        steps.append("avepipe weights download   (offline: avepipe weights import FILE...)")
+    elif not usable["vggish"]:
+        extract += ["--vggish-weights", "random"]
+        errors.print(f"[yellow]note:[/] the VGGish weights are not in {escape(str(weights_dir()))}: extract below "
+                     "uses --vggish-weights random (audio features that are NOT the published ones); `avepipe weights "
+                     "download vggish` or `avepipe weights import FILE` first to leave it out", soft_wrap=True)
+    steps.append(shlex.join(extract))
+    steps.append(shlex.join(["avepipe", "train", "--model", "avel", "--dataset", str(folder), "--out", "runs/mine"]))
+    return [f"{'next' if i == 0 else 'then'}: {step}" for i, step in enumerate(steps)]
 
 
 def main() -> None:

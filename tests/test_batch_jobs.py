@@ -370,3 +370,31 @@ def test_weights_import_takes_several_files(tmp_path, weights_dir):
     assert absent.returncode == 2 and f"{tmp_path / 'absent.h5'}: no such file" in absent.stderr
     named = run_cli("weights", "import", *files, "--as", "vgg19", env=env)
     assert named.returncode == 2 and "--as vgg19 names the entry of one file" in named.stderr
+
+
+# --- row 7: dataset init's next steps run as printed -----------------------------------------------------------------
+
+
+def test_dataset_init_next_steps_run_as_printed_on_this_machine(tmp_path, weights_dir):
+    import shlex
+
+    videos = tmp_path / "my clips"
+    videos.mkdir()
+    for name, freq in (("a", 440), ("b", 660), ("c", 880)):
+        make_clip(videos / f"{name}.mp4", 1.0, size="64x48", freq=freq)
+    csv = tmp_path / "events.csv"
+    csv.write_text("video,label,start,end,split\na.mp4,Bell,0,1,train\nb.mp4,Bell,0,1,val\nc.mp4,Bell,0,1,test\n")
+    data = tmp_path / "my data"
+    env = {"AVEPIPE_WEIGHTS_DIR": str(weights_dir)}  # VGG-19 here, VGGish not (as on these machines)
+    init = run_cli("dataset", "init", "--csv", csv, "--videos", videos, "--out", data, env=env)
+    assert init.returncode == 0, init.stderr
+    steps = [line.split(": ", 1)[1] for line in init.stdout.splitlines() if line.startswith(("next: ", "then: "))]
+    assert steps[0].startswith("avepipe extract") and steps[0].endswith("--vggish-weights random")
+    assert "--vggish-weights random" in init.stderr and "NOT the published" in init.stderr
+    extract = run_cli(*shlex.split(steps[0])[1:], env=env)  # exactly as printed (a folder name with a space)
+    assert extract.returncode == 0, extract.stderr
+    assert (data / "features.h5").is_file()
+    # Without VGG-19 the first step is getting the weights.
+    bare = run_cli("dataset", "init", "--csv", csv, "--videos", videos, "--out", tmp_path / "other",
+                   env={"AVEPIPE_WEIGHTS_DIR": str(tmp_path / "no-weights")})
+    assert bare.returncode == 0 and "next: avepipe weights download" in bare.stdout, bare.stderr
