@@ -220,6 +220,13 @@ ProgressMode = Annotated[str, typer.Option(
                        "$AVEPIPE_PROGRESS_INTERVAL s, default 30) or none.")]
 
 
+def plural(count: int, word: str) -> str:
+    """``1 video``, ``2 videos``."""
+    from avepipe.render import plural as _plural
+
+    return _plural(count, word)
+
+
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
     if text is None:
         return None
@@ -447,7 +454,7 @@ def cache_merge(
     from avepipe.cache import merge
 
     count = merge(inputs, out, overwrite=overwrite, allow_unsharded=allow_unsharded)
-    console.print(f"merged {len(inputs)} caches into {out}: {count} videos")
+    console.print(f"merged {len(inputs)} caches into {out}: {plural(count, 'video')}")
 
 
 # --- avepipe weights: list / download / import / verify (avepipe/backbones/weights.py, download.py) -------------------
@@ -885,14 +892,16 @@ def dataset_init(
     folder = out if out is not None else dataset_dir()
     summary = init_dataset(csv_file, videos, folder, overwrite=overwrite)
     console.print(f"wrote {', '.join(escape(p.name) for p in summary.written)} in {escape(str(folder))}: "
-                  f"{summary.rows} events in {summary.videos} videos, {len(summary.categories)} categories")
+                  f"{plural(summary.rows, 'event')} in {plural(summary.videos, 'video')}, "
+                  f"{len(summary.categories)} {'category' if len(summary.categories) == 1 else 'categories'}")
     how = "by a hash of the video id" if summary.hashed_split else "from the CSV"
     console.print("splits (" + how + "): " + ", ".join(
-        f"{s} {summary.split_videos[s]} videos / {summary.split_rows[s]} events" for s in summary.split_rows))
+        f"{s} {plural(summary.split_videos[s], 'video')} / {plural(summary.split_rows[s], 'event')}"
+        for s in summary.split_rows))
     longer = summary.longer_than_clip
     if longer:
         shown = ", ".join(longer[:5]) + (", ..." if len(longer) > 5 else "")
-        errors.print(f"[yellow]note:[/] {len(longer)} videos are longer than 10 s ({escape(shown)}): train and "
+        errors.print(f"[yellow]note:[/] {plural(len(longer), 'video')} longer than 10 s ({escape(shown)}): train and "
                      "evaluate use their first 10 s", soft_wrap=True)
     for line in next_steps(folder):
         console.print(escape(line), soft_wrap=True)

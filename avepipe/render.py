@@ -16,12 +16,15 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 
 class _RateColumn(ProgressColumn):
     """Seconds of video per second of wall time (``3.2× real time``) once any are done, else videos/s."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
 
     def render(self, task) -> Text:
         elapsed = task.elapsed or 0.0
@@ -134,10 +137,16 @@ class ExtractProgress:
         self.label = label
         self.mode = progress_mode(mode, console)
         self.print_failures = print_failures  # False: the caller lists the failures itself (localize, with the labels)
-        self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("videos"), TextColumn("{task.fields[video_seconds]} s of video"),
-                                 _RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 TextColumn("{task.description}"), console=console, transient=False)
+        # At 80 columns the numbers stay whole: the videos in flight are shown only where there is room for them
+        # (the long videos' own bars of seconds name them anyway).
+        columns = [TextColumn("[bold]{task.fields[label]}"), BarColumn(bar_width=10), MofNCompleteColumn(),
+                   TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[amount]}"), _RateColumn(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+        if console.width < 100:  # 80 columns: the ETA stays, the elapsed time goes
+            columns.remove(columns[6])
+        if console.width >= 120:
+            columns.append(TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis")))
+        self.progress = Progress(*columns, console=console, transient=False)
         self.task = None
         self.long_videos: dict[str, Any] = {}  # video id -> its seconds bar (videos of LONG_VIDEO_S or more)
         self.in_flight: dict[str, tuple[int, int]] = {}  # video id -> (seconds done, seconds in all)
@@ -210,7 +219,7 @@ class ExtractProgress:
         self.started_at = time.monotonic()
         if self.mode == "bar":
             self.task = self.progress.add_task("", total=fields["todo"], label=self.label, unit="videos",
-                                               video_seconds=0)
+                                               video_seconds=0, amount="0 s")
         else:
             self.task = -1  # counted here, drawn by no bar
         console.print("; ".join([f"{self.label} on {fields['device']}: {plural(fields['todo'], 'video')} to do",
@@ -231,7 +240,7 @@ class ExtractProgress:
         fraction = (self.done + sum(d / t for d, t in self.in_flight.values() if t)) / max(self.todo, 1)
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
         speed = f"{seconds / elapsed:.3g}x real time" if seconds and elapsed > 0 else "speed ?"
-        parts = [f"{self.label} {self.done}/{self.todo} videos", f"{seconds} s of video", speed,
+        parts = [f"{self.label} {self.done}/{plural(self.todo, 'video')}", f"{seconds} s of video", speed,
                  f"elapsed {clock(elapsed)}", f"eta {clock(eta)}", f"{self.failed} failed"]
         if self.in_flight:
             shown = list(self.in_flight.items())[:2]
@@ -256,7 +265,8 @@ class ExtractProgress:
         current = "  ".join(f"{escape(vid)} {done}/{total} s" for vid, (done, total) in shown)
         more = len(self.in_flight) - len(shown)
         seconds = self.finished_seconds + sum(done for done, _ in self.in_flight.values())
-        self.progress.update(self.task, video_seconds=seconds, description=current + (f" (+{more})" if more else ""))
+        self.progress.update(self.task, video_seconds=seconds, amount=f"{seconds} s",
+                             description=current + (f" (+{more})" if more else ""))
 
     def _seconds(self, fields: dict[str, Any]) -> None:
         """A bar of seconds (with an ETA) for each long video while it is being extracted."""
@@ -265,12 +275,17 @@ class ExtractProgress:
         bar = self.long_videos.get(fields["id"])
         if bar is None:
             bar = self.progress.add_task(escape(fields["id"]), total=fields["total"], completed=fields["done"],
-                                         label="  seconds", unit="s", video_seconds=0)
+                                         label="  seconds", unit="s", video_seconds=0,
+                                         amount=escape(_shorten(fields["id"], 14)))
             self.long_videos[fields["id"]] = bar
         self.progress.update(bar, completed=fields["done"])
 
 
 LONG_VIDEO_S = 30  # videos this long get their own progress bar of seconds
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def render_extract_report(console: Console, errors: Console, report: Any, cache: Path, what: str = "extract",
@@ -329,7 +344,7 @@ def render_cache(console: Console, reader, failed_only: bool = False) -> None:
         console.print(table)
     elif not failed_only:
         entries = reader.all_attrs()
-        table = Table(title=f"{reader.path}: {len(entries)} videos, sampling={spec.get('sampling', '?')}, "
+        table = Table(title=f"{reader.path}: {plural(len(entries), 'video')}, sampling={spec.get('sampling', '?')}, "
                             f"audio={spec.get('audio', '?')}")
         for column in ("id", "T", "duration", "VGG-19", "VGGish", "precision", "source"):
             table.add_column(column, justify="right" if column in ("T", "duration") else "left")
@@ -597,13 +612,18 @@ def weights_list_records(statuses: list) -> list[dict[str, Any]]:
 
 
 def render_weights_list(console: Console, statuses: list, directory: Path) -> None:
+    """The manifest's files as a table; names and file names are never cut (folded at most). On a terminal narrower
+    than 120 columns the URLs follow the table, one whole line each (they are there to be copied)."""
     from avepipe.backbones.download import source_url
 
-    table = Table(title=f"weights in {directory}")
-    for column in ("name", "file", "present", "official", "size", "url"):
+    wide = console.width >= 120
+    table = Table(title=f"weights in {escape(str(directory))}")
+    columns = ("name", "file", "present", "official", "size") + (("url",) if wide else ())
+    for column in columns:
         # The URL is folded, never cut: it is there to be copied.
         table.add_column(column, justify="right" if column == "size" else "left",
-                         overflow="fold" if column == "url" else "ellipsis", min_width=20 if column == "url" else None)
+                         no_wrap=column in ("name", "size"), overflow="fold",
+                         min_width=20 if column == "url" else None)
     for status in statuses:
         if status.state != "missing":
             present = "yes"
@@ -612,9 +632,12 @@ def render_weights_list(console: Console, statuses: list, directory: Path) -> No
         else:
             present = "[yellow]no[/]"
         size = status.size if status.size is not None else status.entry.get("size")
-        table.add_row(status.name, status.entry["file"], present, _state_text(status), _megabytes(size),
-                      escape(source_url(status.entry)))
+        row = [status.name, status.entry["file"], present, _state_text(status), _megabytes(size)]
+        table.add_row(*row, *([escape(source_url(status.entry))] if wide else []))
     console.print(table)
+    if not wide:
+        for status in statuses:
+            console.print(f"{status.name}: {escape(source_url(status.entry))}", soft_wrap=True)
 
 
 def _short(checksum: str | None) -> str:

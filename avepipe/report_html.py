@@ -207,17 +207,18 @@ def render_report(result: VideoLabels, video_src: str, embedded: bool) -> str:
            "the labels still apply. Convert it to MP4 (H.264 + AAC) or WebM to watch it here.</p>",
            '<div class="strip" aria-label="labels, one cell per second">']
     for s in seconds:
-        fill = _hex(label_colour(s.label))
+        fill = _hex(label_colour(s.label, labels))
         tip = f"{s.start}-{s.end} s: {s.label} ({format_probability(s.probability)})"
         out.append(f'<div class="cell" tabindex="0" role="button" data-second="{s.start}" data-seek="{s.start}" '
                    f'style="background:{fill}" title="{_e(tip)}"></div>')
     out.append(f'</div><div class="ticks"><span>0 s</span><span>{len(seconds)} s</span></div>')
     out.append('<h2>Legend</h2><ul class="legend">')
     for label in labels:
-        out.append(f'<li><span class="swatch" style="background:{_hex(label_colour(label))}"></span>{_e(label)}</li>')
+        swatch = _hex(label_colour(label, labels))
+        out.append(f'<li><span class="swatch" style="background:{swatch}"></span>{_e(label)}</li>')
     out.append('</ul><h2>Spans</h2><ul class="spans">')
     for span in result.spans:
-        fill = label_colour(span["label"])
+        fill = label_colour(span["label"], labels)
         out.append(f'<li tabindex="0" role="button" data-seek="{span["start"]}" data-end="{span["end"]}" '
                    f'style="background:{_hex(fill)};color:{_hex(text_colour(fill))}">'
                    f'{_e(span["label"])} {span["start"]}–{span["end"]} s</li>')
@@ -231,7 +232,8 @@ def render_report(result: VideoLabels, video_src: str, embedded: bool) -> str:
         out.append(
             f'<tr tabindex="0" data-second="{s.start}" data-seek="{s.start}">'
             f'<td class="num">{s.start}–{s.end} s</td>'
-            f'<td><span class="swatch" style="background:{_hex(label_colour(s.label))}"></span>{_e(s.label)}</td>'
+            f'<td><span class="swatch" style="background:{_hex(label_colour(s.label, labels))}"></span>'
+            f'{_e(s.label)}</td>'
             f'<td class="num">{format_probability(s.probability)}</td>'
             f'<td class="num"><span class="bar"><span style="width:{p_event * 100:.1f}%"></span><i></i></span>'
             f"{format_probability(s.event_probability)}</td>"

@@ -9,7 +9,6 @@ with several videos is refused (:func:`avepipe.outputs.check_single_target`), be
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import os
 from pathlib import Path
@@ -32,13 +31,23 @@ BACKGROUND_COLOUR = (150, 150, 150)
 BAR_COLOUR, BAR_EMPTY = (40, 110, 200), (232, 232, 232)
 
 
-def label_colour(label: str) -> tuple[int, int, int]:
-    """A stable, distinct-enough colour per label (grey for background / no match)."""
+# Okabe & Ito's colour-blind-safe qualitative palette (its black left out), then four darker colours far from those
+# and from each other (one green only): 11 colours told apart at a glance, given in the order labels first appear in a
+# video.
+PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+           (204, 121, 167), (225, 87, 89), (117, 60, 150), (40, 40, 120), (150, 30, 60))
+
+
+def label_colour(label: str, labels: Sequence[str] = ()) -> tuple[int, int, int]:
+    """The colour of ``label`` among a video's ``labels`` (its legend, :func:`legend_labels`): the palette's colours in
+    the order the event labels first appear, grey for background / no match. A label outside ``labels`` takes a
+    palette colour by its name's checksum (a fallback for callers without a legend)."""
     if label in ("background", NO_MATCH):
         return BACKGROUND_COLOUR
-    hue = int(hashlib.md5(label.encode()).hexdigest()[:6], 16) / 0xFFFFFF
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.9)
-    return int(r * 255), int(g * 255), int(b * 255)
+    events = [x for x in dict.fromkeys(labels) if x not in ("background", NO_MATCH)]
+    if label in events:
+        return PALETTE[events.index(label) % len(PALETTE)]
+    return PALETTE[int(hashlib.md5(label.encode()).hexdigest()[:6], 16) % len(PALETTE)]
 
 
 def text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -70,12 +79,14 @@ def legend_labels(result: VideoLabels) -> list[str]:
 
 
 def timeline_title(result: VideoLabels) -> str:
-    """The picture's title: the video, its length, the model and the checkpoint's file name (and a CML query)."""
+    """The picture's title: the video, its length, the model and the checkpoint as ``run-folder/file`` (two runs'
+    pictures differ), and a CML query."""
     title = f"{Path(result.video).name} · {len(result.seconds)} s"
     if result.model:
         title += f" · {result.model}"
     if result.checkpoint:
-        title += f" ({Path(result.checkpoint).name})"
+        checkpoint = Path(result.checkpoint)
+        title += f" ({checkpoint.parent.name + '/' if checkpoint.parent.name else ''}{checkpoint.name})"
     if result.query:
         title += f" · query {Path(result.query['file']).name} {result.query['start']}-{result.query['end']} s"
     return title
@@ -117,16 +128,17 @@ def render_timeline(result: VideoLabels, thumbs: np.ndarray) -> Image.Image:
     y = PAD + TITLE_FONT + 8
     for entries in legend:
         for label, text, x in entries:
-            draw.rectangle([x, y + 1, x + FONT, y + 1 + FONT], fill=label_colour(label), outline=(60, 60, 60))
+            draw.rectangle([x, y + 1, x + FONT, y + 1 + FONT], fill=label_colour(label, labels),
+                           outline=(60, 60, 60))
             draw.text((x + FONT + 6, y), text, fill=(0, 0, 0), font=font)
         y += line
-    caption = "bar: event probability (p(event); the mark is 0.5: at or above it the model says an event happens)"
+    caption = "bar: p(event), the event probability; at or above the mark (0.5) the model says an event happens"
     draw.text((PAD, y), _fit(draw, caption, width - 2 * PAD, font), fill=(90, 90, 90), font=font)
     for s, second in enumerate(result.seconds):
         x, y = (s % PER_ROW) * CELL, top + (s // PER_ROW) * row_h
         image.paste(Image.fromarray(thumbs[s]), (x, y))
         band_y = y + thumb_h
-        draw.rectangle([x, band_y, x + CELL - 1, band_y + BAND - 1], fill=label_colour(second.label))
+        draw.rectangle([x, band_y, x + CELL - 1, band_y + BAND - 1], fill=label_colour(second.label, labels))
         bar_y = band_y + BAND
         p = min(1.0, max(0.0, float(second.event_probability)))
         filled = int(round(p * (CELL - 1)))
@@ -151,7 +163,7 @@ def render_timeline(result: VideoLabels, thumbs: np.ndarray) -> Image.Image:
             run += 1
         x, band_y = (s % PER_ROW) * CELL, top + (s // PER_ROW) * row_h + thumb_h
         draw.text((x + 4, band_y + 3), _fit(draw, second.label, run * CELL - 8, font),
-                  fill=text_colour(label_colour(second.label)), font=font)
+                  fill=text_colour(label_colour(second.label, labels)), font=font)
     return image
 
 

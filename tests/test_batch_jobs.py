@@ -398,3 +398,80 @@ def test_dataset_init_next_steps_run_as_printed_on_this_machine(tmp_path, weight
     bare = run_cli("dataset", "init", "--csv", csv, "--videos", videos, "--out", tmp_path / "other",
                    env={"AVEPIPE_WEIGHTS_DIR": str(tmp_path / "no-weights")})
     assert bare.returncode == 0 and "next: avepipe weights download" in bare.stdout, bare.stderr
+
+
+# --- row 12: 80 columns, the README's models, the timeline picture ---------------------------------------------------
+
+
+def test_output_fits_80_columns():
+    from avepipe.render import render_train_summary
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    progress = ExtractProgress(console, console, mode="bar")
+    progress.update("start", {"total": 12, "todo": 12, "skipped": 0, "device": "cuda:0"})
+    progress.update("seconds", {"id": "big_buck_bunny_0_30", "done": 12, "total": 30})
+    time.sleep(0.3)
+    progress.update("video", {"id": "fire2", "status": "done", "seconds": 2})
+    shot = io.StringIO()
+    Console(file=shot, width=80, color_system=None).print(progress.progress.get_renderable())
+    lines = shot.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "× real time" in lines[0] and "1/12 videos" in lines[0] and "eta" in lines[0], lines  # whole, one line
+    summary = io.StringIO()
+    render_train_summary(Console(file=summary, width=80, color_system=None),
+                         {"metric": "segment_accuracy", "best_epoch": 117, "epochs": 300, "epochs_run": 127,
+                          "val_segment_accuracy": 0.78125, "test_segment_accuracy": 0.7213,
+                          "stop_reason": "stopped after epoch 127 of 300: no val gain in 10 epochs (--patience 10)"},
+                         Path("runs/avel"))
+    lines = summary.getvalue().splitlines()
+    assert lines[0] == "kept epoch 117 of 127 (best val segment_accuracy 0.7812); test 0.7213"
+    assert all(len(line) <= 80 for line in lines), lines
+
+
+def test_weights_list_at_80_columns_cuts_no_name(weights_dir):
+    from avepipe.backbones.weights import manifest
+
+    result = run_cli("weights", "list", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines[:-3]) and "…" not in result.stdout, result.stdout
+    flat = re.sub(r"[│\s]+", "", result.stdout)
+    for name, entry in manifest().items():
+        assert re.search(rf"│ {name} +│", result.stdout) and entry["file"] in flat, name
+        assert any(line.startswith(f"{name}: http") for line in lines), name  # whole URLs, to copy
+
+
+def test_readme_names_every_model_and_the_picture_is_told_apart():
+    from avepipe.localization import SecondLabel, VideoLabels
+    from avepipe.models import model_names
+    from avepipe.timeline import BACKGROUND_COLOUR, MIN_WIDTH, PAD, PALETTE, _fit, _font, label_colour, timeline_title
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    models_line = next(line for line in readme.splitlines() if line.startswith("Models:"))
+    for name in model_names():
+        assert name.upper() in models_line.upper().replace("/", " ").replace(",", " ").split(), name
+    # The caption closes its parenthesis at the narrowest width; the title names the run's folder.
+    from PIL import Image, ImageDraw
+
+    from avepipe import timeline
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    source = Path(timeline.__file__).read_text()
+    caption = re.search(r'caption = "([^"]+)"', source).group(1)
+    assert _fit(draw, caption, MIN_WIDTH - 2 * PAD, _font(timeline.FONT)) == caption
+    assert caption.count("(") == caption.count(")")
+    seconds = [SecondLabel(0, 1, "Dog", 0.9, 0.9, [])]
+    runs = [VideoLabels("/v/clip.mp4", "clip", 1.0, seconds, [], model="avel supervised",
+                        checkpoint=f"runs/{run}/checkpoint.pt") for run in ("a", "b")]
+    assert [timeline_title(r) for r in runs] == ["clip.mp4 · 1 s · avel supervised (a/checkpoint.pt)",
+                                                 "clip.mp4 · 1 s · avel supervised (b/checkpoint.pt)"]
+    # A qualitative palette: the labels of one video take its distinct colours in order, far from each other and
+    # from the background's grey.
+    labels = [f"class {i}" for i in range(len(PALETTE))] + ["background"]
+    colours = [label_colour(label, labels) for label in labels]
+    assert colours[:-1] == list(PALETTE) and colours[-1] == BACKGROUND_COLOUR
+    import itertools
+    import math
+
+    assert min(math.dist(a, b) for a, b in itertools.combinations(colours, 2)) > 60

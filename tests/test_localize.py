@@ -541,14 +541,14 @@ def test_timeline_picture_has_title_legend_and_readable_size():
     result = VideoLabels("/videos/clip.mp4", "clip", 5.0, seconds, merge_spans(seconds), model="avel supervised",
                          checkpoint="runs/avel/checkpoint.pt")
     assert legend_labels(result) == ["Male speech, man speaking", "Dog", "background"]
-    assert timeline_title(result) == "clip.mp4 · 5 s · avel supervised (checkpoint.pt)"
+    assert timeline_title(result) == "clip.mp4 · 5 s · avel supervised (avel/checkpoint.pt)"  # the run's folder
     thumbs = np.full((5, 54, CELL, 3), 255, np.uint8)  # white thumbnails: colours below come from the drawing
     image = np.asarray(render_timeline(result, thumbs))
     assert image.shape[1] == MIN_WIDTH  # 5 cells would be 480 px: too narrow for the title and the legend
     first_row = image.shape[0] - (54 + 22 + 18 + 18 + 10)
     legend, rows = image[:first_row], image[first_row:]
     for name in legend_labels(result):  # every label has its swatch in the legend and its colour in the band
-        colour = np.array(label_colour(name))
+        colour = np.array(label_colour(name, legend_labels(result)))
         assert (np.abs(legend.astype(int) - colour).max(-1) == 0).sum() >= 100, name
         assert (np.abs(rows.astype(int) - colour).max(-1) == 0).sum() >= CELL * 10, name
     dark = (image[:40].max(-1) < 80).sum()  # the title's text: 16 px glyphs, not the 11 px bitmap font
