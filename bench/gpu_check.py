@@ -125,24 +125,12 @@ def check_drift(device: str, frames_count: int) -> dict:
 
 def check_resume(device: str, videos: int) -> dict:
     """``train`` on the device: 3 epochs straight against 2 + resume, loss by loss."""
-    from avepipe.cache import FeatureCache
-    from avepipe.data.synthetic import make_synthetic_ave
     from avepipe.train import DataPaths, TrainOptions, train
-    from tests.test_train import CATEGORIES, write_dataset
+    from tests.test_train import synthetic_task
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = make_synthetic_ave(videos, num_classes=len(CATEGORIES) + 1, seed=3, min_event=2, max_event=8)
-        rows = {"train": [], "val": [], "test": []}
-        with FeatureCache(root / "f.h5", "a") as cache:
-            cache.ensure_spec({"spec_version": 1, "sampling": "ave", "synthetic": True})
-            for i in range(videos):
-                vid = f"vid{i:04d}"
-                cache.put(vid, data["visual"][i].numpy(), data["audio"][i].numpy(), {"seconds": 10})
-                event = data["event"][i].numpy().nonzero()[0]
-                split = "train" if i < videos * 2 // 3 else "val" if i < videos * 5 // 6 else "test"
-                rows[split].append((CATEGORIES[int(data["video_label"][i])], vid, int(event[0]), int(event[-1]) + 1))
-        paths = DataPaths(str(root / "f.h5"), str(write_dataset(root / "ave", rows)))
+        paths = DataPaths(*map(str, synthetic_task(root, videos)))
         straight = train(TrainOptions("avel", "supervised", str(root / "a"), epochs=3, batch_size=8, device=device),
                          paths)
         train(TrainOptions("avel", "supervised", str(root / "b"), epochs=2, batch_size=8, device=device), paths)

@@ -33,21 +33,26 @@ def write_dataset(folder: Path, rows: dict[str, list[tuple[str, str, int, int]]]
     return folder / "Annotations.txt"
 
 
-@pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory):
-    """A small synthetic AVE-like task written as a real cache + annotation files."""
-    root = tmp_path_factory.mktemp("synthetic")
-    data = make_synthetic_ave(48, num_classes=len(CATEGORIES) + 1, seed=3, min_event=2, max_event=8)
+def synthetic_task(root: Path, videos: int = 48) -> tuple[Path, Path]:
+    """A synthetic AVE-like task written as a real cache + annotation files (2/3 train, 1/6 val, 1/6 test):
+    ``(features, annotations)``."""
+    data = make_synthetic_ave(videos, num_classes=len(CATEGORIES) + 1, seed=3, min_event=2, max_event=8)
     rows = {"train": [], "val": [], "test": []}
     with FeatureCache(root / "f.h5", "a") as cache:
         cache.ensure_spec({"spec_version": 1, "sampling": "ave", "synthetic": True})
-        for i in range(48):
-            vid = f"vid{i:03d}"
+        for i in range(videos):
+            vid = f"vid{i:03d}" if videos <= 1000 else f"vid{i:06d}"
             cache.put(vid, data["visual"][i].numpy(), data["audio"][i].numpy(), {"seconds": 10})
             event = data["event"][i].numpy().nonzero()[0]
-            split = "train" if i < 32 else "val" if i < 40 else "test"
+            split = "train" if i < videos * 2 // 3 else "val" if i < videos * 5 // 6 else "test"
             rows[split].append((CATEGORIES[int(data["video_label"][i])], vid, int(event[0]), int(event[-1]) + 1))
     return root / "f.h5", write_dataset(root / "ave", rows)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """A small synthetic AVE-like task written as a real cache + annotation files."""
+    return synthetic_task(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_resume_continues_exactly(tmp_path, synthetic_run):
