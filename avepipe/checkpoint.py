@@ -21,6 +21,7 @@ import torch
 
 from avepipe.data.ave import BACKGROUND, NUM_CLASSES
 from avepipe.errors import CheckpointError
+from avepipe.faults import fault_point
 from avepipe.models.registry import build_model, get_spec, model_names
 from avepipe.version import __version__
 
@@ -45,6 +46,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
     """Write atomically: a reader (or a killed run) sees the previous file or this one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(checkpoint, tmp)
+    fault_point("checkpoint-write")  # tests/test_train_resume.py kills the process here
     os.replace(tmp, path)
 
 

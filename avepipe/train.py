@@ -386,6 +386,8 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
             raise UsageError(f"{out} already holds a run ({', '.join(existing)}): --resume to continue it, "
                              "--overwrite to replace it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
+    for temporary in out.glob(".*.pt.tmp*"):  # a checkpoint write that a kill interrupted (save_checkpoint)
+        temporary.unlink(missing_ok=True)
     device = resolve_device(options.device)
     data = load_task_data(paths, options.task, ave.SPLITS, device, trained_on=(saved, last_path) if saved else None)
     if len(data.splits["train"]) == 0 or len(data.splits["val"]) == 0:
