@@ -898,6 +898,8 @@ def dataset_init(
     console.print("splits (" + how + "): " + ", ".join(
         f"{s} {plural(summary.split_videos[s], 'video')} / {plural(summary.split_rows[s], 'event')}"
         for s in summary.split_rows))
+    for warning in getattr(summary, "warnings", []):  # labels a split lacks: the files are written all the same
+        errors.print(f"[bold yellow]WARNING:[/] [yellow]{escape(warning)}[/]", soft_wrap=True)
     longer = summary.longer_than_clip
     if longer:
         shown = ", ".join(longer[:5]) + (", ..." if len(longer) > 5 else "")
