@@ -347,6 +347,8 @@ def run_extract(paths: list[Path], cache_path: str | os.PathLike, config: Extrac
         for name in cache.quarantined:
             emit("warning", {"message": f"{name}: unreadable staged file set aside (not used)"})
         record_plan_failures(cache, paths, report)
+        for vid, error in report.failed.items():  # found by the plan (a missing file...): said now, once
+            emit("video", {"id": vid, "status": "failed", "error": error})
         resumed = _resumable(todo, partial, backbones.spec(config.sampling)) if backbones is not None else {}
         report.resumed_seconds = sum(len(v) for v in resumed.values())
         for text in partial.discarded:  # a damaged partial chunk (a kill mid-write): one warning, then resumed

@@ -66,6 +66,10 @@ def plan(paths: list[Path], cache: FeatureCache, config: ExtractConfig, report: 
         if vid in failures and not config.retry_failed and not retries_on_its_own(failures[vid], path):
             report.previously_failed[vid] = failures[vid].get("error", "failed earlier")
             continue
+        problem = unreadable(path)
+        if problem:  # found now, not after the backbones are loaded and the decoders started
+            report.failed[vid] = problem
+            continue
         todo[vid] = path
     return todo
 

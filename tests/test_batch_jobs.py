@@ -475,3 +475,17 @@ def test_readme_names_every_model_and_the_picture_is_told_apart():
     import math
 
     assert min(math.dist(a, b) for a, b in itertools.combinations(colours, 2)) > 60
+
+
+def test_a_missing_file_among_good_ones_is_said_before_any_decoding(tmp_path):
+    good = make_clip(tmp_path / "good.mp4", 1.0, size="64x48")
+    missing = tmp_path / "missing.mp4"
+    result = run_cli("extract", good, missing, "--cache", tmp_path / "f.h5", "--vgg19-weights", "random",
+                     "--vggish-weights", "random", "--workers", "0", "--device", "cpu", "--progress", "log")
+    assert result.returncode == 1, result.stderr
+    assert "extract on cpu: 1 video to do" in result.stdout  # the missing file is not queued for decoding
+    assert result.stderr.count(f"failed: {missing}: missing file") == 1
+    from avepipe.cache import FeatureCache
+
+    with FeatureCache(tmp_path / "f.h5") as reader:  # recorded, as any failure
+        assert reader.ids() == ["good"] and "missing file" in reader.failures()["missing"]["error"]
