@@ -208,7 +208,7 @@ def test_localize_progress_lines_go_to_stderr(tmp_path, small_checkpoint, monkey
                      "--progress", "log")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip())["label"]
-    assert "extract 1/1 videos" in result.stderr and "extract" not in result.stdout
+    assert "extract 1/1 video |" in result.stderr and "extract" not in result.stdout
 
 
 # --- rows 3 and 9: per-video problems first; nothing created when no input can be read -------------------------------
