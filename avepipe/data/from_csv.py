@@ -11,7 +11,8 @@ Output, in the AVE formats the data loaders read (:mod:`avepipe.data.ave`): ``An
 rows, split), ``categories.txt`` (labels in order of first appearance) and ``videos.txt`` (the CSV's video files, one
 absolute path per line, for ``avepipe extract --list``). Files are written atomically.
 
-Rules (each violation is one :class:`~avepipe.errors.DataError` naming the CSV line):
+Rules (the violations of every row are found in one run and raised as one :class:`~avepipe.errors.DataError`
+naming each CSV line):
 
 * The models see 10-s sequences (AVE's clips; ``train`` and ``evaluate`` read a video's first 10 s, padding shorter
   videos and masking the padding): events are annotated within ``0 <= start < end <= 10``, and ``end`` may not pass
@@ -22,6 +23,9 @@ Rules (each violation is one :class:`~avepipe.errors.DataError` naming the CSV l
 * Without a split column the split is deterministic: a video goes to train, val or test by a hash of its id (SHA-1:
   below 0.8 train, below 0.9 val, else test, about 80/10/10; all rows of a video together). A split left empty is
   given the video of the largest split whose hash lies nearest to it, so 3 or more videos always fill all three.
+
+Warnings (the files are written; ``InitSummary.warnings``): a label of val or test that no train row has (the model
+never learns it), and a train label that val or test lacks (it is never checked).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class InitSummary:
     split_videos: dict[str, int]
     hashed_split: bool
     longer_than_clip: list[str] = field(default_factory=list)  # ids of videos longer than 10 s (first 10 s used)
+    warnings: list[str] = field(default_factory=list)  # labels a split lacks (see the module's docstring)
     written: list[Path] = field(default_factory=list)
 
 
@@ -122,6 +127,7 @@ def init_dataset(csv_path: str | os.PathLike, videos: str | os.PathLike, out: st
     if empty:
         raise DataError(f"{csv_path}: no {' and no '.join(empty)} rows: training needs train rows, val rows (the "
                         "checkpoint is chosen on val) and test rows")
+    warnings = _label_warnings(csv_path, split_rows, hashed)
     lines = {r: f"{r.label}&{r.video_id}&{QUALITY}&{r.start}&{r.end}\n" for r in rows}
     texts = {"Annotations.txt": HEADER + "\n" + "".join(lines[r] for r in rows),
              **{f"{s}Set.txt": "".join(lines[r] for r in split_rows[s]) for s in SPLITS},
@@ -131,7 +137,25 @@ def init_dataset(csv_path: str | os.PathLike, videos: str | os.PathLike, out: st
     out.mkdir(parents=True, exist_ok=True)
     written = [write_atomic(out / name, text) for name, text in texts.items()]
     return InitSummary(out, len(rows), len(split_of), labels, {s: len(split_rows[s]) for s in SPLITS},
-                       {s: len({r.video_id for r in split_rows[s]}) for s in SPLITS}, hashed, longer, written)
+                       {s: len({r.video_id for r in split_rows[s]}) for s in SPLITS}, hashed, longer, written=written,
+                       warnings=warnings)
+
+
+def _label_warnings(csv_path: Path, split_rows: dict[str, list[Row]], hashed: bool) -> list[str]:
+    """Labels that train never sees (in val or test only) and train labels val or test never checks."""
+    labels = {s: list(dict.fromkeys(r.label for r in split_rows[s])) for s in SPLITS}
+    how = " (split by a hash of the video id: add a split column to choose)" if hashed else ""
+    out = []
+    unseen = [label for s in ("val", "test") for label in labels[s] if label not in labels["train"]]
+    if unseen:
+        out.append(f"{csv_path}: {', '.join(dict.fromkeys(unseen))}: in val/test but in no train row: the model "
+                   f"never learns them{how}")
+    for s in ("val", "test"):
+        missing = [label for label in labels["train"] if label not in labels[s]]
+        if missing:
+            out.append(f"{csv_path}: {s} has no {', '.join(missing)} row: {s} never checks "
+                       f"{'it' if len(missing) == 1 else 'them'}{how}")
+    return out
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -170,52 +194,75 @@ def _read_rows(csv_path: Path, videos: Path, by_id: dict[str, Path]) -> list[Row
     if columns is not None:
         records = records[1:]
     rows: list[Row] = []
+    problems: list[str] = []  # every bad row, reported together
     seen: dict[tuple, int] = {}
     split_seen: dict[str, tuple[Optional[str], int]] = {}
     for line, cells in records:
-        def fail(why: str, line: int = line) -> DataError:
-            return DataError(f"{csv_path}: line {line}: {why}")
-
-        if columns is None:
-            if len(cells) not in (4, 5):
-                raise fail(f"expected 4 or 5 fields (video,label,start,end[,split]), got {len(cells)}")
-            values = dict(zip(COLUMNS, (cell.strip() for cell in cells)))
-        else:
-            if len(cells) != len(columns):
-                raise fail(f"expected {len(columns)} fields like the header, got {len(cells)}")
-            values = {name: cells[i].strip() for name, i in columns.items()}
-        path, vid = _find_video(values["video"], videos, by_id, fail)
-        label = values["label"]
-        if not label:
-            raise fail("empty label")
-        if "&" in label or "\n" in label or "\r" in label:
-            raise fail(f"label {label!r} holds '&' or a line break (Annotations.txt separates fields with '&')")
-        if label.lower() == "background":
-            raise fail("'background' is not a label: it is the class of every second outside an event")
         try:
-            start, end = int(values["start"]), int(values["end"])
-        except ValueError:
-            raise fail(f"start {values['start']!r} / end {values['end']!r}: expected whole seconds") from None
-        if not 0 <= start < end:
-            raise fail(f"need 0 <= start < end, got start={start} end={end}")
-        if end > SECONDS:
-            raise fail(f"end {end} is past {SECONDS} s: the models see 10-s clips (train reads a video's first "
-                       f"{SECONDS} s); cut longer videos into 10-s clips and annotate each")
-        split = values.get("split")
-        if split is not None and split not in SPLITS:
-            raise fail(f"split {split!r}: expected train, val or test")
-        if rows and (rows[0].split is None) != (split is None):
-            raise fail("rows with and without a split column: give every row a split, or none")
-        key = (vid, label, start, end)
-        if key in seen:
-            raise fail(f"duplicate of line {seen[key]}")
-        seen[key] = line
-        earlier = split_seen.setdefault(vid, (split, line))
-        if earlier[0] != split:
-            raise fail(f"video {vid} is in split {split}, but in {earlier[0]} on line {earlier[1]} (a video's rows "
-                       "must share one split)")
-        rows.append(Row(line, vid, path, label, start, end, split))
+            row = _read_row(csv_path, line, cells, columns, videos, by_id, rows, seen, split_seen)
+        except DataError as exc:
+            problems.append(str(exc).removeprefix(f"{csv_path}: "))
+            continue
+        rows.append(row)
+    if problems:
+        raise DataError(bad_rows(csv_path, problems))
     return rows
+
+
+def bad_rows(csv_path: Path, problems: list[str]) -> str:
+    """One line for every bad row: ``FILE: line 2: ...`` or ``FILE: 3 bad rows: line 2: ...; line 5: ...``."""
+    if len(problems) == 1:
+        return f"{csv_path}: {problems[0]}"
+    return f"{csv_path}: {len(problems)} bad rows: {'; '.join(problems)}"
+
+
+def _read_row(csv_path: Path, line: int, cells: list[str], columns: Optional[dict[str, int]], videos: Path,
+              by_id: dict[str, Path], rows: list[Row], seen: dict[tuple, int],
+              split_seen: dict[str, tuple[Optional[str], int]]) -> Row:
+    """One CSV record as a :class:`Row`; its problem as a :class:`DataError` naming the line."""
+    def fail(why: str, line: int = line) -> DataError:
+        return DataError(f"{csv_path}: line {line}: {why}")
+
+    if columns is None:
+        if len(cells) not in (4, 5):
+            raise fail(f"expected 4 or 5 fields (video,label,start,end[,split]), got {len(cells)}")
+        values = dict(zip(COLUMNS, (cell.strip() for cell in cells)))
+    else:
+        if len(cells) != len(columns):
+            raise fail(f"expected {len(columns)} fields like the header, got {len(cells)}")
+        values = {name: cells[i].strip() for name, i in columns.items()}
+    path, vid = _find_video(values["video"], videos, by_id, fail)
+    label = values["label"]
+    if not label:
+        raise fail("empty label")
+    if "&" in label or "\n" in label or "\r" in label:
+        raise fail(f"label {label!r} holds '&' or a line break (Annotations.txt separates fields with '&')")
+    if label.lower() == "background":
+        raise fail("'background' is not a label: it is the class of every second outside an event")
+    try:
+        start, end = int(values["start"]), int(values["end"])
+    except ValueError:
+        raise fail(f"start {values['start']!r} / end {values['end']!r}: expected whole seconds") from None
+    if not 0 <= start < end:
+        raise fail(f"need 0 <= start < end, got start={start} end={end}")
+    if end > SECONDS:
+        raise fail(f"end {end} is past {SECONDS} s: the models see 10-s clips (train reads a video's first "
+                   f"{SECONDS} s); cut longer videos into 10-s clips and annotate each")
+    split = values.get("split")
+    if split is not None and split not in SPLITS:
+        raise fail(f"split {split!r}: expected train, val or test")
+    if rows and (rows[0].split is None) != (split is None):
+        raise fail("rows with and without a split column: give every row a split, or none")
+    key = (vid, label, start, end)
+    if key in seen:
+        raise fail(f"duplicate of line {seen[key]}")
+    earlier = split_seen.get(vid, (split, line))
+    if earlier[0] != split:
+        raise fail(f"video {vid} is in split {split}, but in {earlier[0]} on line {earlier[1]} (a video's rows "
+                   "must share one split)")
+    seen[key] = line
+    split_seen.setdefault(vid, (split, line))
+    return Row(line, vid, path, label, start, end, split)
 
 
 def _records(reader) -> list[tuple[int, list[str]]]:  # noqa: ANN001 - a csv reader
@@ -260,13 +307,21 @@ def _find_video(name: str, videos: Path, by_id: dict[str, Path], fail: Callable[
 def _check_durations(csv_path: Path, rows: list[Row], probe_media: Callable[[Path], MediaInfo]) -> list[str]:
     """Probe each video once; an event past its whole seconds is an error. Returns the ids longer than 10 s."""
     seconds: dict[str, int] = {}
+    problems: list[str] = []
+    unreadable: set[str] = set()
     for row in rows:
+        if row.video_id in unreadable:
+            continue
         if row.video_id not in seconds:
             try:
                 seconds[row.video_id] = probe_media(row.path).seconds
             except MediaError as exc:
-                raise DataError(f"{csv_path}: line {row.line}: {exc}") from None
+                unreadable.add(row.video_id)
+                problems.append(f"line {row.line}: {exc}")
+                continue
         if row.end > seconds[row.video_id]:
-            raise DataError(f"{csv_path}: line {row.line}: end {row.end} is past the end of {row.path} "
+            problems.append(f"line {row.line}: end {row.end} is past the end of {row.path} "
                             f"({seconds[row.video_id]} whole seconds)")
+    if problems:
+        raise DataError(bad_rows(csv_path, problems))
     return [vid for vid, t in seconds.items() if t > SECONDS]
