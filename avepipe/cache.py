@@ -392,16 +392,32 @@ class FeatureCache:
         self._lock_handle = None
 
     def close(self) -> None:
-        """Compact staged entries (writers) and release the lock."""
+        """Compact staged entries (writers) and release the lock. At a clean end nothing stays beside ``F.h5``: the
+        staging folder, once empty, and the lock file (only meaningful while held; removed while still held, and a
+        writer that opened it meanwhile locks a fresh one, see :meth:`_acquire_lock`) are removed. After a failed
+        compaction both stay: the staged entries wait for the next writer."""
         if self._lock_handle is not None:
+            clean = False
             try:
                 self.compact()
+                clean = True
             except OSError as exc:  # e.g. disk full: the staged entries stay, the next writer compacts them
                 raise _write_error(self.path.parent, exc, self.staged_bytes()) from None
             finally:
+                if clean:
+                    self._remove_leftovers()
                 fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
                 self._lock_handle.close()
                 self._lock_handle = None
+
+    def _remove_leftovers(self) -> None:
+        """The empty staging folder and the lock file of a writer that ends cleanly (never a file another process
+        might need: a staging folder holding anything, a quarantined file say, stays)."""
+        try:
+            self.staging.rmdir()
+        except OSError:
+            pass  # not empty (a quarantined .corrupt file) or already gone
+        lock_path(self.path).unlink(missing_ok=True)
 
     def __enter__(self) -> "FeatureCache":
         return self

@@ -489,3 +489,68 @@ def test_a_missing_file_among_good_ones_is_said_before_any_decoding(tmp_path):
 
     with FeatureCache(tmp_path / "f.h5") as reader:  # recorded, as any failure
         assert reader.ids() == ["good"] and "missing file" in reader.failures()["missing"]["error"]
+
+
+# --- row 8: every bad CSV row in one run; labels a split lacks -------------------------------------------------------
+
+
+def _clips(folder: Path, names: list[str]) -> None:
+    folder.mkdir(exist_ok=True)
+    for i, name in enumerate(names):
+        make_clip(folder / f"{name}.mp4", 2.0, size="64x48", freq=300 + 100 * i)
+
+
+def test_dataset_init_reports_every_bad_row_in_one_run(tmp_path):
+    videos = tmp_path / "clips"
+    _clips(videos, ["a", "b", "c"])
+    csv = tmp_path / "events.csv"
+    csv.write_text("video,label,start,end,split\n"
+                   "a.mp4,Bell,0,1,train\n"
+                   "b.mp4,Dog,0,1,vall\n"      # line 3: no such split
+                   "c.mp4,Car,0,12,test\n"     # line 4: past 10 s
+                   "b.mp4,Dog,0,1,val\n"
+                   "zz.mp4,Car,0,1,test\n"     # line 6: no such video
+                   "c.mp4,Car,0,2,test\n")
+    result = run_cli("dataset", "init", "--csv", csv, "--videos", videos, "--out", tmp_path / "mine")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr  # one line, every bad row in it
+    assert lines[0].startswith(f"error: {csv}: 3 bad rows: line 3: split 'vall'")
+    assert "; line 4: end 12 is past 10 s" in lines[0] and "; line 6: video 'zz.mp4'" in lines[0]
+    assert not (tmp_path / "mine").exists()  # nothing written
+
+
+def test_dataset_init_warns_about_labels_a_split_lacks(tmp_path):
+    videos = tmp_path / "clips"
+    _clips(videos, ["a", "b", "c"])
+    csv = tmp_path / "events.csv"
+    csv.write_text("a.mp4,Bell,0,1\nb.mp4,Dog,0,1\nc.mp4,Car,0,1\n")  # 3 videos, 3 labels, hashed split
+    result = run_cli("dataset", "init", "--csv", csv, "--videos", videos, "--out", tmp_path / "mine")
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if line.startswith("WARNING:")]
+    assert any("in val/test but in no train row: the model never learns them" in line for line in warned), warned
+    assert any("never checks" in line for line in warned), warned
+    assert all("add a split column to choose" in line for line in warned)
+    fine = tmp_path / "fine.csv"
+    fine.write_text("a.mp4,Bell,0,1,train\nb.mp4,Bell,0,1,val\nc.mp4,Bell,0,1,test\n")
+    ok = run_cli("dataset", "init", "--csv", fine, "--videos", videos, "--out", tmp_path / "fine")
+    assert ok.returncode == 0 and "WARNING" not in ok.stderr, ok.stderr
+
+
+# --- row 10: nothing left beside the cache after a clean run --------------------------------------------------------
+
+
+def test_a_clean_run_leaves_only_the_cache(tmp_path):
+    import numpy as np
+
+    from avepipe.cache import FeatureCache
+
+    with FeatureCache(tmp_path / "f.h5", "a") as cache:
+        cache.ensure_spec({"spec_version": 1, "sampling": "ave", "synthetic": True})
+        cache.put("v", np.zeros((1, 7, 7, 512), np.float32), np.zeros((1, 128), np.float32), {"seconds": 1})
+        assert (tmp_path / "f.h5.lock").exists()  # held while writing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no .lock, no empty .staging/
+    with FeatureCache(tmp_path / "f.h5", "a") as cache:  # a second writer: the same
+        assert "v" in cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
+    with FeatureCache(tmp_path / "f.h5") as reader:
+        assert reader.ids() == ["v"]

@@ -44,7 +44,7 @@ def test_roundtrip_and_layout(tmp_path):
     with h5py.File(path, "r") as f:  # the documented layout, readable without avepipe
         assert f["videos/a/visual"].shape == (3, 7, 7, 512) and f["videos/a/audio"].dtype == np.float32
         assert json.loads(f.attrs["feature_spec"]) == SPEC
-    assert not list((tmp_path / "f.h5.staging").iterdir())  # compacted on close
+    assert not (tmp_path / "f.h5.staging").exists()  # compacted on close, then the empty folder removed
 
 
 def test_staged_entries_are_visible_before_compaction(tmp_path):
@@ -98,6 +98,7 @@ def test_leftovers_of_a_killed_writer_are_ignored(tmp_path):
     path = tmp_path / "f.h5"
     fill(path, ["a"])
     staging = tmp_path / "f.h5.staging"
+    staging.mkdir(exist_ok=True)  # a killed writer leaves its staging folder (a clean one removes it)
     (staging / ".b.tmp999").write_bytes(b"half an entry")  # killed mid-write
     (tmp_path / ".f.h5.compact-999").write_bytes(b"half a compaction")
     assert FeatureCache(path).ids() == ["a"]

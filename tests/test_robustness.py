@@ -219,6 +219,7 @@ def test_merge_overwrite_starts_clean(tmp_path):
     source = cache_with(tmp_path / "a.h5", "a")
     out = cache_with(tmp_path / "out.h5", "stale")
     stale = tmp_path / "out.h5.staging" / "leftover.h5"
+    stale.parent.mkdir(exist_ok=True)  # a killed writer leaves its staging folder (a clean one removes it)
     stale.write_bytes((tmp_path / "a.h5").read_bytes())  # a killed writer's staged entry of the output
     merge([source], out, overwrite=True)
     assert FeatureCache(out).ids() == ["a"]
