@@ -114,8 +114,9 @@ def test_cli_preset_warning_and_evaluate_comparison(tmp_path, dataset):
     result = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--features", features, "--annotations",
                      annotations, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    for words in ("val-selected", "ORACLE", "66.7", "released"):
+    for words in ("val-selected", "ORACLE", "released"):
         assert words in result.stdout, (words, result.stdout)
+    assert "66.7" not in result.stdout  # AVEL weak's published number: the paper comparison is for AVE only
     result = run_cli("train", "--model", "avsdn", "--features", features, "--annotations", annotations, "--out",
                      tmp_path / "x", "--epochs", "1", "--device", "cpu", "--preset", "released")
     assert result.returncode == 2 and "no preset 'released'" in result.stderr
