@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baseline import bound_seconds, cut  # noqa: E402
 
-from avepipe.backbones.extractor import Backbones, VisualResult  # noqa: E402
+from avepipe.backbones.extractor import Backbones, HostResult  # noqa: E402
 from avepipe.extract import run_extract  # noqa: E402
 from avepipe.sampling import FRAMES_PER_SECOND  # noqa: E402
 from avepipe.settings import ExtractConfig  # noqa: E402
@@ -37,10 +37,10 @@ def use_null_backbone() -> None:
     import torch
 
     def visual_async(self, frames):  # noqa: ANN001, ANN202
-        return VisualResult(torch.zeros((frames.shape[0], 7, 7, 512)))
+        return HostResult(torch.zeros((frames.shape[0], 7, 7, 512)))
 
     def audio_async(self, examples):  # noqa: ANN001, ANN202
-        return VisualResult(torch.zeros((examples.shape[0], 128)))
+        return HostResult(torch.zeros((examples.shape[0], 128)))
 
     Backbones.visual_async, Backbones.audio_async = visual_async, audio_async
 
@@ -82,7 +82,7 @@ class StandInDevice:
         return self.busy / max(self.last - (self.first or 0.0), 1e-9)
 
 
-class StandInResult(VisualResult):
+class StandInResult(HostResult):
     def __init__(self, features, done: threading.Event):
         super().__init__(features)
         self.event = done

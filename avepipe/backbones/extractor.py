@@ -68,9 +68,6 @@ class HostResult:
         return self.features.numpy()
 
 
-VisualResult = HostResult  # the name the null backbone of bench/extract_throughput.py uses
-
-
 def weight_files(config: BackboneConfig, visual: bool = True) -> dict[str, Path]:
     """The files a run with ``config`` reads: ``{option: path}`` for VGG-19 (``visual``), VGGish and the PCA parameters
     (``config.pca``); ``random`` weights need no file."""
