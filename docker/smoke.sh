@@ -285,8 +285,13 @@ run_check "--help" 0 "${RUN[@]}" "$IMAGE" --help
 grep -q "extract" "$LAST_LOG" || record "--help lists the commands" 0 "no 'extract' in the output"
 
 log "local run of the same extract (the reference)"
+# The image has no system ffmpeg, so it decodes with imageio-ffmpeg's static build; the reference must decode with the
+# same binary (a host's own ffmpeg, e.g. Debian's 5.1, resamples audio differently: ~1.5e-5 in the VGGish embeddings).
+IMAGE_FFMPEG=$("$PY" -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')
+log "reference ffmpeg: $IMAGE_FFMPEG (the static build the image uses)"
 run_check "local extract (reference, $(command -v avepipe))" 0 \
-    env AVEPIPE_WEIGHTS_DIR="$WEIGHTS" avepipe extract "${LOCAL_PATHS[@]}" --cache "$WORK/local/f.h5" --vggish-weights random
+    env AVEPIPE_WEIGHTS_DIR="$WEIGHTS" AVEPIPE_FFMPEG="$IMAGE_FFMPEG" \
+    avepipe extract "${LOCAL_PATHS[@]}" --cache "$WORK/local/f.h5" --vggish-weights random
 LOCAL=$WORK/local/f.h5
 
 IN_PATHS=()

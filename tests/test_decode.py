@@ -217,3 +217,34 @@ def test_decode_processes_fit_a_small_dev_shm(tmp_path, monkeypatch, free):
     assert small.keys() == reference.keys() and len(small) == 6
     for key in reference:
         np.testing.assert_array_equal(small[key], reference[key])
+
+
+def test_decode_compacts_while_other_videos_are_in_flight(tmp_path, monkeypatch):
+    """A compaction during ``avepipe decode`` (threshold lowered to one byte: whenever the staged entries outweigh the
+    store) folds the finished entries and leaves
+    the temporaries of the videos still being decoded alone: 12 clips with 2 workers, every one stored."""
+    from avepipe.decoded import run_decode
+    from avepipe.settings import ExtractConfig
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    clips = [make_clip(folder / f"c{i:02d}.mp4", 1.0 + (i % 3), size="64x48") for i in range(12)]
+    monkeypatch.setenv("AVEPIPE_COMPACT_BYTES", "1")
+    compactions = []
+    from avepipe.cache import FeatureCache
+
+    real_compact = FeatureCache.compact
+
+    def counting(self):
+        in_flight = sorted(p.name for p in self.staging.glob(".*.tmp*"))
+        compactions.append(in_flight)
+        real_compact(self)
+        assert sorted(p.name for p in self.staging.glob(".*.tmp*")) == in_flight  # untouched
+
+    monkeypatch.setattr(FeatureCache, "compact", counting)
+    report = run_decode(clips, tmp_path / "d.h5", ExtractConfig(workers=2))
+    assert sorted(report.done) == [c.stem for c in clips] and not report.failed
+    assert len(compactions) >= 3 and any(compactions[:-1])  # compacted several times, with videos in flight
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        assert sorted(f["videos"]) == [c.stem for c in clips]
+        assert [f[f"videos/{c.stem}/frames"].shape[0] for c in clips] == [1 + (i % 3) for i in range(12)]
