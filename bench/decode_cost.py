@@ -1,6 +1,6 @@
 """Cost of the decode stage against the decode bound, measured in the same run.
 
-    python bench/decode_cost.py [--repeats 3] [--parallel-clips 4 --workers 2]
+    python bench/decode_cost.py [--repeats 3] [--parallel-clips 16 --workers 2]
 
 1. Per clip (a 10-s 720p h264 cut of bbb.mp4 with an edit list, a 1080p h264 clip, an MPEG-4/MP3 AVI), one process:
    the whole decode stage of one video (``avepipe.decode.decode_file``: index pass, one decode of video and audio,
@@ -8,7 +8,8 @@
    scale=224:224 -f rawvideo -pix_fmt rgb24 -`` (video only, every frame scaled). Medians of --repeats, after one
    warm-up call (what a long-running decode process pays once).
 2. ``avepipe decode`` of N ten-second 720p clips with W worker processes (wall time, into a fresh store) against W
-   parallel bare ffmpeg processes on the same clips.
+   parallel bare ffmpeg processes on the same clips: in-process (``run_decode``) and as the command (process start,
+   store writes and compaction included), with the store's size per second of video.
 Prints seconds and ratios (stage / bound).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baseline import bare_decode, bound_seconds, cut  # noqa: E402
 
-from avepipe.decode import decode_file  # noqa: E402
+from avepipe.decode import SECOND_BYTES, decode_file  # noqa: E402
 from avepipe.decoded import run_decode  # noqa: E402
 from avepipe.settings import ExtractConfig  # noqa: E402
 
@@ -54,7 +56,7 @@ def timed(fn, *args) -> float:  # noqa: ANN001
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parallel-clips", type=int, default=4)
+    parser.add_argument("--parallel-clips", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--source", default=os.path.join(os.environ.get("AVEPIPE_TEST_MEDIA", "../shared/media"),
                                                          "bbb.mp4"))
@@ -78,8 +80,24 @@ def main() -> None:
         report = run_decode(many, Path(tmp) / "frames.h5", config)
         ours = time.perf_counter() - start
     assert len(report.done) == len(many), report.failed
-    print(f"avepipe decode, {len(many)} x 10 s 720p, {args.workers} workers: {ours:.2f} s; "
+    print(f"avepipe decode (in-process), {len(many)} x 10 s 720p, {args.workers} workers: {ours:.2f} s; "
           f"{args.workers} parallel bare ffmpeg: {bound:.2f} s; ratio {ours / bound:.2f}")
+
+    # The command as a user runs it: process start, store writes, compaction and the final rename included.
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "frames.h5"
+        command = [sys.executable, "-m", "avepipe", "decode", *map(str, many), "--out", str(store),
+                   "--workers", str(args.workers), "--progress", "none"]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        cli = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"avepipe decode failed (exit {done.returncode}): {done.stderr.strip()}")
+        seconds = 10 * len(many)
+        stored = store.stat().st_size
+    print(f"`avepipe decode` command, {len(many)} x 10 s 720p, --workers {args.workers}: {cli:.2f} s, ratio to bare "
+          f"ffmpeg {cli / bound:.2f}; store {stored / 1e6:.1f} MB = {stored / seconds / 1e6:.2f} MB per second of "
+          f"video (uncompressed frames: {SECOND_BYTES / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
