@@ -81,7 +81,7 @@ def unreadable(path: Path) -> str | None:
     from avepipe.errors import MediaError
 
     try:
-        media._check_file(path)
+        media.check_file(path)
     except MediaError as exc:
         return str(exc)
     return None
