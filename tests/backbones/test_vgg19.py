@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from avepipe.backbones.vgg19 import BGR_MEAN, VGG19Pool5, keras_vgg19_state_dict, load_vgg19
+from avepipe.backbones.vgg19 import VGG19Pool5, keras_vgg19_state_dict, load_vgg19
 
 BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))  # (block, convs), independent of the module under test
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # numpy reference, written against the Keras file layout (not against avepipe's conversion)
+# keras.applications.imagenet_utils.preprocess_input(mode='caffe'): ImageNet means in B, G, R order, written out here
+# rather than imported, so a wrong constant in avepipe cannot pass by changing the reference too.
+KERAS_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def conv3x3_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndar
 
 def reference_pool5(frame_rgb: np.ndarray, arrays) -> np.ndarray:
     """Keras VGG-19 block5_pool of one uint8 RGB frame [H, W, 3], in float64."""
-    x = frame_rgb[..., ::-1].astype(np.float64) - np.array(BGR_MEAN)  # caffe: RGB -> BGR, minus BGR mean
+    x = frame_rgb[..., ::-1].astype(np.float64) - np.array(KERAS_CAFFE_BGR_MEAN)  # caffe: RGB -> BGR, minus the mean
     for block, n in BLOCKS:
         for i in range(1, n + 1):
             x = np.maximum(conv3x3_same(x, *arrays[f"block{block}_conv{i}"]), 0.0)
