@@ -12,6 +12,18 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``), each worker's torch takes its share of the cores instead of all of them (N
+    workers each running all-core matmuls would thrash); subprocesses the tests start get the same share."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        import torch
+
+        torch.set_num_threads(share)
+
+
 def _skipped(session) -> list:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     return list(reporter.stats.get("skipped", [])) if reporter is not None else []
