@@ -3,27 +3,26 @@
 The checkpoint is chosen on the **val** split only; the test split is evaluated once, with the chosen checkpoint.
 Checkpoints (plain dicts, never pickled modules) are made, read and checked in :mod:`avepipe.checkpoint`. Bad options
 raise :class:`~avepipe.errors.UsageError`, unusable data files :class:`~avepipe.errors.DataError`.
+
+This module holds the loop (:func:`train`, :func:`train_seeds`: options, optimizer, resume, early stopping, what is
+saved each epoch); the configuration is resolved in :mod:`avepipe.train_config`, the data loaded in
+:mod:`avepipe.train_data`, and splits scored in :mod:`avepipe.evaluation`. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import h5py
 import numpy as np
-import tomllib
 import torch
 
 from avepipe.checkpoint import (
-    check_categories,
     check_resumable,
     load_checkpoint,
     make_checkpoint,
@@ -31,263 +30,42 @@ from avepipe.checkpoint import (
     save_checkpoint,
 )
 from avepipe.data import ave
-from avepipe.data.features import FeatureTable, load_feature_table
-from avepipe.data.tasks import BATCH_ORDERS, RowSet, batches, build_rows, with_noisy_videos
+from avepipe.data.tasks import batches
 from avepipe.devices import cuda_rng_states, resolve_device, restore_cuda_rng
-from avepipe.errors import DataError, DataWarning, TrainingError, UsageError
-from avepipe.metrics import cml_exact_match, cml_predict, segment_accuracy
-from avepipe.models.layers import cml_decode_scores
-from avepipe.models.registry import build_model, get_spec, preset_overrides
+from avepipe.errors import DataError, TrainingError, UsageError
+from avepipe.evaluation import (
+    evaluate,
+    evaluate_directions,
+    evaluate_split,
+    forward,
+    metric_name,
+    oracle_summary,
+    published_number,
+)
+from avepipe.models.registry import build_model, get_spec
+from avepipe.train_config import (
+    DIRECTIONS,
+    JOINT,
+    PRESETS,
+    TRAIN_KEYS,
+    PathLike,
+    check_config_keys,
+    check_train_config,
+    config_keys,
+    deep_merge,
+    resolve_config,
+)
+from avepipe.train_data import NOISY_FILES, DataPaths, TaskData, background_warning, load_task_data, read_noisy
 
-DIRECTIONS = ("a2v", "v2a")
-JOINT = "both"  # --direction both: one module trained on both directions at once (models with JOINT_DIRECTIONS)
-PRESETS = ("paper", "released")
-# The released background-only videos of the weak task, looked for beside the annotations (or in --splits).
-NOISY_FILES = ("audio_feature_noisy.h5", ("visual_feature_noisy.h5", "video_feature_noisy.h5"), "labels_noisy.h5")
+__all__ = [  # the loop's own names, and those of its parts that were defined here before they had their own modules
+    "DIRECTIONS", "JOINT", "NOISY_FILES", "PRESETS", "TRAIN_KEYS",
+    "DataPaths", "EpochCallback", "PathLike", "TaskData", "TrainOptions",
+    "background_warning", "batches", "check_config_keys", "check_resume_settings", "check_train_config",
+    "config_keys", "deep_merge", "diverged", "evaluate", "evaluate_directions", "evaluate_split", "forward",
+    "load_task_data", "metric_name", "oracle_summary", "published_number", "read_noisy", "resolve_config", "train",
+    "train_seeds", "validate_task",
+]
 
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def resolve_config(model_name: str, config_file: PathLike | None = None,
-                   train_overrides: dict[str, Any] | None = None, preset: str = "paper",
-                   task: str | None = None) -> dict[str, Any]:
-    """The model's paper defaults, then the preset's (``released``: the authors' public code), then the TOML file's
-    ``[model]`` / ``[train]`` tables, then command-line values. The preset's name is kept under ``"preset"``."""
-    config = deep_merge({"model": {}, "train": {}}, get_spec(model_name).default_config)
-    config = deep_merge(config, preset_overrides(model_name, preset, task))
-    if config_file:
-        try:
-            loaded = tomllib.loads(Path(config_file).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"{config_file}: cannot read the config ({exc})") from None
-        unknown = set(loaded) - {"model", "train"}
-        if unknown:
-            raise UsageError(f"{config_file}: unknown tables {sorted(unknown)} (use [model] and [train])")
-        check_config_keys(model_name, loaded, config_file)
-        config = deep_merge(config, loaded)
-    config["train"].update({k: v for k, v in (train_overrides or {}).items() if v is not None})
-    config["preset"] = preset
-    return config
-
-
-# [train] keys the training loop reads for every model (models' defaults and presets may add more).
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "lr_gamma", "lr_milestones",
-              "lr_step", "grad_clip", "batch_order", "patience")
-
-
-def config_keys(model_name: str) -> dict[str, set[str]]:
-    """The keys a config file may set in [model] and [train] for this model: its defaults', its presets' (common and
-    per task) and, for [train], the training loop's :data:`TRAIN_KEYS`."""
-    spec = get_spec(model_name)
-    keys = {part: set(spec.default_config.get(part, {})) for part in ("model", "train")}
-    keys["train"] |= set(TRAIN_KEYS)
-    for preset in spec.presets.values():
-        for entry in (preset, *preset.get("tasks", {}).values()):
-            for part in keys:
-                keys[part] |= set(entry.get(part, {}))
-    return keys
-
-
-def check_config_keys(model_name: str, loaded: dict[str, Any], source: PathLike) -> None:
-    """A key no model option or training setting reads would be silently ignored: refuse it, naming the nearest."""
-    import difflib
-
-    valid = config_keys(model_name)
-    for part in ("model", "train"):
-        table = loaded.get(part, {})
-        if not isinstance(table, dict):
-            raise UsageError(f"{source}: [{part}] must be a table")
-        for key in table:
-            if key not in valid[part]:
-                near = difflib.get_close_matches(key, sorted(valid[part]), n=1)
-                hint = f"did you mean {near[0]!r}?" if near else f"valid: {', '.join(sorted(valid[part]))}"
-                raise UsageError(f"{source}: unknown key {key!r} in [{part}] for model {model_name!r} ({hint})")
-
-
-def check_train_config(train_cfg: dict[str, Any]) -> None:
-    """Epochs and batch size at least 1, a finite positive learning rate (from the file or the options)."""
-    for key, option in (("epochs", "--epochs"), ("batch_size", "--batch-size")):
-        value = train_cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{option} / [train] {key} must be a whole number of at least 1, not {value!r}")
-    if train_cfg.get("batch_order", "shuffled") not in BATCH_ORDERS:
-        raise UsageError(f"[train] batch_order must be one of {', '.join(BATCH_ORDERS)}, "
-                         f"not {train_cfg['batch_order']!r}")
-    patience = train_cfg.get("patience")
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
-        raise UsageError(f"--patience / [train] patience must be a whole number of epochs (0: off), not {patience!r}")
-    lr = train_cfg.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise UsageError(f"--lr / [train] lr must be a finite number above 0, not {lr!r}")
-
-
-PathLike = str | os.PathLike
-
-
-@dataclass
-class DataPaths:
-    features: PathLike
-    annotations: PathLike
-    categories: PathLike | None = None  # default: categories.txt beside the annotations
-    splits: PathLike | None = None  # folder with {split}_order[_match].h5 or {split}Set.txt; default: the annotations'
-    # weak task only: the released extra background videos (audio_feature_noisy.h5, visual_feature_noisy.h5,
-    # labels_noisy.h5; key avadataset) added to the training split. None: used whenever the three files sit in the
-    # splits folder or beside the annotations (auto_noisy), as AVEL's, DMIN's, CMBS's and CPSP's released weak training.
-    noisy: tuple[PathLike, PathLike, PathLike] | None = None
-    auto_noisy: bool = True
-
-    def categories_path(self) -> Path:
-        return Path(self.categories) if self.categories else Path(self.annotations).parent / "categories.txt"
-
-    def splits_dir(self) -> Path:
-        return Path(self.splits) if self.splits else Path(self.annotations).parent
-
-    def find_noisy(self) -> tuple[tuple[Path, Path, Path] | None, list[str]]:
-        """The noisy set's (audio, visual, labels) files, and the names missing when they are not all found.
-
-        Explicit ``noisy`` files win; else the first folder (splits, then the annotations' folder) holding all
-        three. The visual file may be named visual_feature_noisy.h5 or (AVEL's weak script) video_feature_noisy.h5."""
-        if self.noisy:
-            return tuple(Path(p) for p in self.noisy), []  # type: ignore[return-value]
-        missing: list[str] = [NOISY_FILES[0], NOISY_FILES[1][0], NOISY_FILES[2]]
-        if not self.auto_noisy:
-            return None, missing
-        for folder in dict.fromkeys([self.splits_dir(), Path(self.annotations).parent]):
-            found, lacking = [], []
-            for names in NOISY_FILES:
-                names = (names,) if isinstance(names, str) else names
-                hit = next((folder / n for n in names if (folder / n).is_file()), None)
-                found.append(hit)
-                if hit is None:
-                    lacking.append(str(folder / names[0]))
-            if not lacking:
-                return tuple(found), []  # type: ignore[return-value]
-            if len(lacking) < len(missing):
-                missing = lacking
-        return None, missing
-
-
-@dataclass
-class TaskData:
-    table: FeatureTable
-    splits: dict[str, RowSet]
-    categories: list[str]
-    background_videos: int = 0  # weak task: released background-only videos added to train
-
-
-def background_warning(missing: list[str]) -> str:
-    return ("weak training WITHOUT the released background-only videos (missing: " + ", ".join(missing) + "): no "
-            "training target ever says 'background', so every second tends to be labelled with the video's event and "
-            "accuracy falls short of the papers' weak numbers (AVEL, DMIN, CMBS, CPSP all train with these 178 "
-            "videos). Put audio_feature_noisy.h5, visual_feature_noisy.h5 and labels_noisy.h5 beside the annotations "
-            "or pass --noisy-audio/--noisy-visual/--noisy-labels. metrics.json records background_videos = 0.")
-
-
-def load_task_data(paths: DataPaths, task: str, splits: tuple[str, ...], device: torch.device,
-                   trained_on: tuple[dict[str, Any], PathLike] | None = None) -> TaskData:
-    """The features and labelled rows of ``splits``. ``trained_on`` (a checkpoint and its path): the data's categories
-    must be the checkpoint's, and labels are numbered in the checkpoint's order (a reordered categories.txt is mapped
-    by name; other categories raise :class:`~avepipe.errors.CheckpointError`)."""
-    try:  # avepipe.data.ave reads plain files: its ValueError / OSError name the file (and line)
-        categories = ave.read_categories(paths.categories_path())
-        if trained_on is not None:
-            categories = check_categories(trained_on[0], trained_on[1], categories, paths.categories_path())
-        annotations = ave.read_annotations(paths.annotations, categories)
-        kind = "cml" if task == "cml" else "sel"
-        split_rows = {s: ave.load_split(kind, s, paths.splits_dir()) for s in splits}
-    except (OSError, ValueError) as exc:
-        raise DataError(str(exc)) from None
-    if any(r.size and r.max() >= len(annotations) for r in split_rows.values()):
-        raise DataError(f"{paths.splits_dir()}: split rows beyond the {len(annotations)} rows of {paths.annotations}")
-    needed = [annotations[r].video_id for rows in split_rows.values() for r in rows]
-    table = load_feature_table(paths.features, needed).to(device)
-    rowsets = {s: build_rows(annotations, rows, categories, table, task).to(device) for s, rows in split_rows.items()}
-    if paths.noisy and task != "weak" and "train" in rowsets:
-        raise UsageError("the noisy background videos are extra data for --task weak only")
-    background = 0
-    if task == "weak" and "train" in rowsets:
-        files, missing = paths.find_noisy()
-        if files is None:
-            warnings.warn(background_warning(missing), DataWarning, stacklevel=2)
-        else:
-            visual, audio, video_label = read_noisy(*files)
-            table, rowsets["train"] = with_noisy_videos(table, rowsets["train"], visual, audio, video_label)
-            background = int(video_label.shape[0])
-    return TaskData(table, rowsets, categories, background)
-
-
-def read_noisy(audio_path: PathLike, visual_path: PathLike, labels_path: PathLike,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The released noisy set: audio [M,10,128], visual [M,10,7,7,512], one-hot video labels [M,29] (key avadataset)."""
-    arrays = []
-    for path in (audio_path, visual_path, labels_path):
-        try:
-            with h5py.File(path, "r") as f:
-                arrays.append(torch.from_numpy(np.asarray(f["avadataset"][()], dtype=np.float32)))
-        except (OSError, KeyError) as exc:
-            raise DataError(f"{path}: cannot read dataset 'avadataset' ({exc})") from None
-        finite = torch.isfinite(arrays[-1].reshape(len(arrays[-1]), -1)).all(1)
-        if not finite.all():
-            raise DataError(f"{path}: NaN or inf in row {int((~finite).nonzero()[0])} of 'avadataset'")
-    audio, visual, labels = arrays
-    if not (audio.shape[0] == visual.shape[0] == labels.shape[0]) or labels.shape[1:] != (ave.NUM_CLASSES,):
-        raise DataError(f"noisy set shapes do not fit: audio {tuple(audio.shape)}, visual {tuple(visual.shape)}, "
-                         f"labels {tuple(labels.shape)}")
-    return visual, audio, labels.argmax(1)
-
-
-# -- forward / metrics ------------------------------------------------------------------------------------------------
-
-def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str, direction: str | None) -> dict:
-    if task == "cml":
-        return model.forward_cml(batch["visual"], batch["audio"], batch["mask"], batch["query_mask"], direction)
-    return model(batch["visual"], batch["audio"], batch["mask"])
-
-
-@torch.no_grad()
-def evaluate_split(model: torch.nn.Module, data: TaskData, split: str, task: str, direction: str | None,
-                   batch_size: int = 256) -> float:
-    """Segment accuracy (supervised, weak) or CML exact-match accuracy on one split (``--direction both``: the mean
-    of A2V and V2A, see :func:`evaluate_directions`)."""
-    if task == "cml" and direction == JOINT:
-        return float(np.mean(list(evaluate_directions(model, data, split, batch_size).values())))
-    model.eval()
-    rowset = data.splits[split]
-    preds, targets, masks = [], [], []
-    for b in batches(data.table, rowset, batch_size, shuffle=False):
-        out = forward(model, b, task, direction)
-        if task == "cml":
-            scores = cml_decode_scores(model, out["match_logits"]).masked_fill(~b["mask"], -1e9)
-            lengths = b["target_mask"].sum(1)
-            preds.append(cml_predict(scores.cpu().numpy(), lengths.cpu().numpy()))
-            targets.append(b["target_mask"].float().argmax(1).cpu().numpy())
-        else:
-            preds.append(model.predict(out, task).cpu().numpy())
-            targets.append(b["labels"].cpu().numpy())
-            masks.append(b["mask"].cpu().numpy())
-    if task == "cml":
-        return cml_exact_match(np.concatenate(preds), np.concatenate(targets))
-    return segment_accuracy(np.concatenate(preds), np.concatenate(targets), np.concatenate(masks))
-
-
-def evaluate_directions(model: torch.nn.Module, data: TaskData, split: str, batch_size: int = 256) -> dict:
-    """CML exact match of a jointly trained model in each direction: {"a2v": ..., "v2a": ...}."""
-    return {d: evaluate_split(model, data, split, "cml", d, batch_size) for d in DIRECTIONS}
-
-
-def metric_name(task: str) -> str:
-    return "exact_match" if task == "cml" else "segment_accuracy"
-
-
-# -- training ---------------------------------------------------------------------------------------------------------
 
 @dataclass
 class TrainOptions:
@@ -540,34 +318,6 @@ def check_resume_settings(out: Path, config: dict[str, Any], paths: DataPaths) -
                          "(resume with the run's settings, or train into another --out)")
 
 
-def oracle_summary(history: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The ORACLE numbers: the best test score over the epochs and its epoch (what papers that select on test, or
-    report their best test epoch, publish), plus the per-epoch val and test curves. Never used for selection."""
-    key = f"test_{metric}"
-    curve = [h.get(key) for h in history]
-    scored = [(v, h["epoch"]) for v, h in zip(curve, history) if v is not None]
-    out: dict[str, Any] = {f"oracle_best_test_{metric}": None, "oracle_best_test_epoch": None}
-    if scored:
-        best = max(v for v, _ in scored)
-        out.update({f"oracle_best_test_{metric}": best,
-                    "oracle_best_test_epoch": next(e for v, e in scored if v == best)})
-    out["curves"] = {f"val_{metric}": [h.get(f"val_{metric}") for h in history], key: curve}
-    return out
-
-
-def published_number(model: str, task: str, direction: str | None) -> dict[str, Any] | None:
-    """The paper's published test number for this model and task (None where the paper gives none)."""
-    spec = get_spec(model)
-    key = task if task != "cml" else f"cml-{direction}"
-    if direction == JOINT:
-        key = "cml-average"
-    value = spec.published.get(key)
-    if value is None:
-        return None
-    return {"value": value, "selection": spec.published.get("selection", "unknown"),
-            "source": spec.published.get("source", spec.paper)}
-
-
 def train_seeds(options: TrainOptions, paths: DataPaths, seeds: int, on_epoch: EpochCallback | None = None,
                 on_seed: Callable[[int], None] | None = None) -> dict[str, Any]:
     """``seeds`` runs (seed, seed+1, ...) in ``out_dir/seed-N``; summary.json holds mean and std of val and test."""
@@ -591,34 +341,3 @@ def train_seeds(options: TrainOptions, paths: DataPaths, seeds: int, on_epoch: E
     Path(options.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(options.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def evaluate(checkpoint: PathLike, paths: DataPaths, split: str = "test", device: str = "auto") -> dict[str, Any]:
-    """The checkpoint's metric on one split of the data (a warning when the features differ from its training's)."""
-    if split not in ave.SPLITS:
-        raise UsageError(f"--split {split}: choose {', '.join(ave.SPLITS[:-1])} or {ave.SPLITS[-1]}")
-    dev = resolve_device(device, warn=False)  # evaluating is quick on a CPU: no warning
-    model, ckpt = load_checkpoint(checkpoint, dev)
-    data = load_task_data(paths, ckpt["task"], (split,), dev, trained_on=(ckpt, checkpoint))
-    trained_on = json.loads(ckpt.get("feature_spec") or "{}")
-    warning = None
-    if trained_on and data.table.spec and trained_on != data.table.spec:
-        warning = f"{paths.features}: feature spec differs from the features {checkpoint} was trained on"
-    value = evaluate_split(model, data, split, ckpt["task"], ckpt.get("direction"))
-    metric = metric_name(ckpt["task"])
-    trained = ckpt.get("metrics") or {}
-    result = {"checkpoint": str(checkpoint), "model": ckpt["model"], "task": ckpt["task"],
-              "direction": ckpt.get("direction"), "preset": ckpt["config"].get("preset", "paper"), "split": split,
-              "metric": metric, metric: value, "rows": len(data.splits[split]), "warning": warning,
-              # From training: the test score at the val-selected epoch (what avepipe reports) and the ORACLE best
-              # test score over epochs (what papers selecting on test report), next to the paper's own number.
-              "val_selected_test": trained.get(f"test_{metric}"), "val_selected_epoch": trained.get("best_epoch"),
-              "oracle_best_test": trained.get(f"oracle_best_test_{metric}"),
-              "oracle_best_test_epoch": trained.get("oracle_best_test_epoch"),
-              "background_videos": trained.get("background_videos"),
-              "dataset": "AVE" if ave.is_ave_release(paths.annotations) else "custom"}
-    result["published"] = (published_number(ckpt["model"], ckpt["task"], ckpt.get("direction"))
-                           if result["dataset"] == "AVE" else None)
-    if ckpt["task"] == "cml" and ckpt.get("direction") == JOINT:
-        result.update({f"{metric}_{d}": v for d, v in evaluate_directions(model, data, split).items()})
-    return result
