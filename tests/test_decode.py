@@ -210,7 +210,8 @@ def test_decode_processes_fit_a_small_dev_shm(tmp_path, monkeypatch, free):
         return got
 
     reference = frames(decode.DecodeSource(tasks, DecodeConfig(workers=0)))
-    monkeypatch.setattr(decode, "shared_memory_free", lambda path="/dev/shm": free)
+    # patched where DecodeSource looks it up
+    monkeypatch.setattr(decode.workers, "shared_memory_free", lambda path="/dev/shm": free)
     source = decode.DecodeSource(tasks, DecodeConfig(workers=2))
     small = frames(source)
     assert source.workers == (2 if free else 0)
