@@ -247,7 +247,7 @@ def test_row5_localize_reads_the_device_once_per_video(tmp_path):
             places = dict(cuda.sync_places)
         assert [asdict(r) for r in records] == [asdict(r) for r in expected]
         # The labels, probabilities and top-3 of every second come back in one read (was ~5 per second) ...
-        assert sum(n for (kind, where), n in places.items() if where.startswith("avepipe/localization")
+        assert sum(n for (kind, where), n in places.items() if where.startswith("avepipe/labeller")
                    and kind == "d2h") == 1, places
         reads[seconds] = sum(places.values())
     # ... and nothing else grows with the video: one forward of all windows (the model's own mask checks and the

@@ -396,11 +396,13 @@ class _Counted:
 
 
 def test_localizer_loads_the_checkpoint_and_backbones_once(tmp_path, monkeypatch):
+    import avepipe.labeller as labeller
     import avepipe.localization as localization
     from tests.helpers import make_clip
 
-    loads, backbones = _Counted(localization.load_checkpoint), _Counted(localization.Backbones)
-    monkeypatch.setattr(localization, "load_checkpoint", loads)
+    # Each name is patched where it is looked up: the checkpoint by the labeller, the backbones by the Localizer.
+    loads, backbones = _Counted(labeller.load_checkpoint), _Counted(localization.Backbones)
+    monkeypatch.setattr(labeller, "load_checkpoint", loads)
     monkeypatch.setattr(localization, "Backbones", backbones)
     checkpoint = _checkpoint(tmp_path, "avel", "supervised", SMALL)
     one = make_clip(tmp_path / "one.mp4", 1.0, size="64x48")
