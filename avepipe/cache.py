@@ -1,12 +1,22 @@
 """The HDF5 feature store.
 
-Layout of ``F.h5`` (documented in docs/cache.md)::
+Layout of ``F.h5``, format_version 2 (documented in docs/cache.md)::
 
     /                 attrs: format="avepipe-cache", format_version, feature_spec (JSON)
     /videos/<id>/     attrs: source_path, source_size, source_mtime, duration, seconds, sampling, weights checksums, ...
         visual        float32 [T, 7, 7, 512]
         audio         float32 [T, 128]
     /failed/<id>      attrs: source_path, error, failed_at
+    /index/           written at compaction, from the same entries:
+        ids           str [N]   the video ids, sorted          attrs  str [N]  each entry's attributes (JSON)
+        failed_ids    str [M]   the recorded failures, sorted   failed_attrs  str [M]  each record (JSON)
+
+Every file the store writes (the compacted store, staged entries) is created with HDF5 library version bounds
+:data:`LIBVER` (1.10 file format): new-style groups, whose links are found through a B-tree of names instead of one
+heap read whole on every open. Listing, membership, the skip plan and ``cache ls`` read the two index datasets, not N
+groups; a reader keeps the store open across reads and reopens it when a writer has replaced it. A format_version 1
+file (no index, old-style groups) is still read (its groups are visited) and becomes format_version 2 at the next
+compaction of any writer, or with :func:`upgrade` (``avepipe cache upgrade``).
 
 Crash safety: ``F.h5`` is never modified in place. A writer stages every finished video as its own small HDF5 file in
 ``F.h5.staging/`` (written to a temporary name, fsynced, then renamed: a staged entry is complete or absent), and
@@ -21,6 +31,7 @@ the shard caches it is given are the N shards of one run.
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import json
 import os
@@ -39,7 +50,8 @@ from avepipe.faults import fault_point
 from avepipe.inputs import shard_of
 
 FORMAT = "avepipe-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LIBVER = ("v110", "v110")  # the HDF5 1.10 file format: new-style groups, readable by HDF5 >= 1.10 (h5py >= 2.10)
 STAGED_SUFFIX = ".h5"
 FAILED_SUFFIX = ".failed.json"
 
@@ -67,6 +79,49 @@ def _storable(value: Any) -> Any:
 
 def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return {key: _attr(value) for key, value in obj.attrs.items()}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    raise TypeError(f"cannot record {type(value).__name__} in the index")
+
+
+def _attrs_json(attrs: dict[str, Any]) -> str:
+    """One entry's attributes as the index stores them (JSON; floats round-trip exactly)."""
+    return json.dumps(attrs, default=_json_default)
+
+
+def new_file(path: str | os.PathLike) -> h5py.File:
+    """A new HDF5 file for the store to write (a staged entry, a compacted store): the :data:`LIBVER` file format."""
+    return h5py.File(path, "w", libver=LIBVER)
+
+
+def _new_style(file: h5py.File) -> bool:
+    """Whether ``file`` was written with the 1.8+ file format (superblock version >= 2: its groups are new-style)."""
+    return file.id.get_create_plist().get_version()[0] >= 2
+
+
+def _copy_entry(source: h5py.Group, videos: h5py.Group, video_id: str) -> None:
+    """Copy one entry (its datasets and attributes) into ``videos/<video_id>``: one HDF5 object copy when the source
+    group is new-style; a group of an older file is created anew (new-style) and its datasets copied into it."""
+    if _new_style(source.file):
+        source.file.copy(source, videos, name=video_id)
+        return
+    group = videos.create_group(video_id)
+    for name in source:
+        source.file.copy(source[name], group, name=name)
+    for key, value in source.attrs.items():
+        group.attrs[key] = value
+
+
+def _write_strings(group: h5py.Group, name: str, values: list[str]) -> None:
+    group.create_dataset(name, shape=(len(values),), dtype=h5py.string_dtype("utf-8"),
+                         data=np.array(values, dtype=object) if values else None)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -315,6 +370,9 @@ class FeatureCache:
         # A symlinked cache: lock, stage and replace the real file (a rename onto the link would replace the link).
         self.path = Path(os.path.realpath(path))
         self.mode = mode
+        self._h5: h5py.File | None = None  # the store, kept open across reads (see _main)
+        self._h5_key: tuple[int, int] | None = None  # (device, inode) of the open file
+        self._memo: dict[str, Any] = {}  # what was read of the open file's index (the file never changes in place)
         self.staging = self.path.with_name(self.path.name + ".staging")
         self._lock_handle = None
         self.quarantined: list[str] = []  # staged files set aside as unreadable (see _quarantine)
@@ -396,8 +454,10 @@ class FeatureCache:
         """Compact staged entries (writers) and release the lock. At a clean end nothing stays beside ``F.h5``: the
         staging folder, once empty, and the lock file (only meaningful while held; removed while still held, and a
         writer that opened it meanwhile locks a fresh one, see :meth:`_acquire_lock`) are removed. After a failed
-        compaction both stay: the staged entries wait for the next writer."""
-        if self._lock_handle is not None:
+        compaction both stay: the staged entries wait for the next writer. Readers: closes the store's file."""
+        if self._lock_handle is None:
+            self._close_main()
+        else:
             clean = False
             try:
                 self.compact()
@@ -405,11 +465,22 @@ class FeatureCache:
             except OSError as exc:  # e.g. disk full: the staged entries stay, the next writer compacts them
                 raise _write_error(self.path.parent, exc, self.staged_bytes()) from None
             finally:
+                self._close_main()
                 if clean:
                     self._remove_leftovers()
                 fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
                 self._lock_handle.close()
                 self._lock_handle = None
+
+    def release(self) -> None:
+        """End a writer without compacting (one that holds the lock only, e.g. :func:`merge` for its output): its
+        empty staging folder and lock file are removed, the lock released."""
+        self._close_main()
+        if self._lock_handle is not None:
+            self._remove_leftovers()
+            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
 
     def _remove_leftovers(self) -> None:
         """The empty staging folder and the lock file of a writer that ends cleanly (never a file another process
@@ -426,25 +497,71 @@ class FeatureCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- the open store file --------------------------------------------------------------------------------------
+    def _main(self) -> h5py.File | None:
+        """The store file, opened on first use and kept open across reads; reopened when a writer has replaced it
+        (compaction renames a new file over it: another inode). None when there is no store file (yet)."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            self._close_main()
+            return None
+        if self._h5 is not None and self._h5_key == (stat.st_dev, stat.st_ino):
+            return self._h5
+        self._close_main()
+        f = h5py.File(self.path, "r")
+        opened = os.fstat(f.id.get_vfd_handle())  # the file actually opened (it may have been replaced since stat)
+        self._h5, self._h5_key = f, (opened.st_dev, opened.st_ino)
+        return f
+
+    def _close_main(self) -> None:
+        if self._h5 is not None:
+            try:
+                self._h5.close()
+            except (OSError, RuntimeError):
+                pass
+        self._h5, self._h5_key, self._memo = None, None, {}
+
+    def _memoized(self, key: str, compute: Any) -> Any:
+        """A value read from the open store file, read once per file (a store file never changes in place)."""
+        f = self._main()
+        if f is None:
+            return compute(None)
+        if key not in self._memo:
+            self._memo[key] = compute(f)
+        return self._memo[key]
+
+    @property
+    def format_version(self) -> int | None:
+        """The store file's ``format_version`` (None: no store file yet)."""
+        raw = self._file_attr("format_version")
+        return int(_attr(raw)) if raw is not None else None
+
     # -- spec ----------------------------------------------------------------------------------------------------
     def _validate_main(self) -> None:
         if not self.path.exists():
             return
         try:
-            with h5py.File(self.path, "r") as f:
-                found = _attr(f.attrs.get("format"))
-                if found != self.FORMAT:
-                    what = f"a {found} file" if found else "no format attribute"
-                    raise CacheError(f"{self.path}: not an {self.FORMAT} file ({what})")
+            f = self._main()
         except OSError as exc:
             raise CacheError(f"{self.path}: cannot open as HDF5 ({exc})") from None
+        if f is None:
+            return
+        found = _attr(f.attrs.get("format"))
+        if found != self.FORMAT:
+            what = f"a {found} file" if found else "no format attribute"
+            self._close_main()
+            raise CacheError(f"{self.path}: not an {self.FORMAT} file ({what})")
+        version = _attr(f.attrs.get("format_version"))
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            self._close_main()
+            raise CacheError(f"{self.path}: format_version {version}, written by a newer avepipe (this one reads up "
+                             f"to {FORMAT_VERSION}); upgrade avepipe")
 
     def _file_attr(self, name: str) -> Any:
         """The raw file-level attribute ``name``; None when it or the cache file does not exist."""
-        if not self.path.exists():
-            return None
-        with h5py.File(self.path, "r") as f:
-            return f.attrs.get(name)
+        f = self._main()
+        return f.attrs.get(name) if f is not None else None
 
     @property
     def spec(self) -> dict[str, Any] | None:
@@ -520,40 +637,106 @@ class FeatureCache:
             os.replace(path, target)
         self.quarantined.append(str(target if self._lock_handle is not None else path))
 
+    # The store file's entries and failures: from its index (format_version 2: two datasets each), else (a
+    # format_version 1 file) by visiting its groups. Attributes stay JSON text until asked for.
     def _main_ids(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        with h5py.File(self.path, "r") as f:
+        def read(f: h5py.File | None) -> list[str]:
+            if f is None:
+                return []
+            if "index" in f:
+                return f["index/ids"].asstr()[()].tolist()
             return sorted(f["videos"].keys()) if "videos" in f else []
+        return self._memoized("ids", read)
+
+    def _main_attrs_json(self) -> dict[str, str]:
+        """id -> the entry's attributes as JSON text, for every entry of the store file."""
+        def read(f: h5py.File | None) -> dict[str, str]:
+            if f is None:
+                return {}
+            if "index" in f:
+                return dict(zip(self._main_ids(), f["index/attrs"].asstr()[()].tolist()))
+            return {vid: _attrs_json(_attrs(group)) for vid, group in sorted(f.get("videos", {}).items())}
+        return self._memoized("attrs", read)
+
+    def _stored_failures(self) -> dict[str, dict[str, Any]]:
+        def read(f: h5py.File | None) -> dict[str, str]:
+            if f is None:
+                return {}
+            if "index" in f:
+                return dict(zip(f["index/failed_ids"].asstr()[()].tolist(),
+                                f["index/failed_attrs"].asstr()[()].tolist()))
+            return {vid: _attrs_json(_attrs(group)) for vid, group in sorted(f.get("failed", {}).items())}
+        return {vid: json.loads(text) for vid, text in self._memoized("failed", read).items()}
 
     def ids(self) -> list[str]:
-        return sorted(set(self._main_ids()) | set(self._staged_ids()))
+        staged = self._staged_ids()
+        main = self._main_ids()
+        return sorted(set(main) | set(staged)) if staged else list(main)
 
     def __contains__(self, video_id: str) -> bool:
-        return (self.staging / f"{video_id}{STAGED_SUFFIX}").exists() or video_id in self._main_ids()
+        if (self.staging / f"{video_id}{STAGED_SUFFIX}").exists():
+            return True
+        f = self._main()
+        if f is None or not video_id or "/" in video_id:
+            return False
+        return f"videos/{video_id}" in f  # one lookup in the group's B-tree of names
 
     def __len__(self) -> int:
         return len(self.ids())
 
     def attrs(self, video_id: str) -> dict[str, Any]:
         with self._open_entry(video_id) as group:
-            return _attrs(group)
+            return self._entry_attrs(group, video_id)
 
     def get(self, video_id: str) -> Entry:
         with self._open_entry(video_id) as group:
-            return Entry(video_id, group["visual"][()], group["audio"][()], _attrs(group))
+            return Entry(video_id, group["visual"][()], group["audio"][()], self._entry_attrs(group, video_id))
 
     def entries(self, ids: Iterable[str] | None = None) -> Iterator[Entry]:
-        for video_id in ids if ids is not None else self.ids():
+        if ids is None:
+            ids = self.ids()
+            self._main_attrs_json()  # every entry's attributes from the index at once
+        for video_id in ids:
             yield self.get(video_id)
 
+    def _entry_attrs(self, group: h5py.Group, video_id: str) -> dict[str, Any]:
+        """An entry's attributes: a store-file entry's from the index (one JSON string: reading 27 HDF5 attributes
+        costs ~6 ms through h5py), a staged entry's (or a format_version 1 file's) from its group."""
+        if self._h5 is not None and group.file.id == self._h5.id and "index" in self._h5:
+            text = self._index_attrs_json(video_id)
+            if text is not None:
+                return json.loads(text)
+        return _attrs(group)
+
+    def _index_attrs_json(self, video_id: str) -> str | None:
+        """The index's JSON attributes of ``video_id`` (None: not in the index): from the whole index when it has been
+        read, else by a binary search of the sorted ``ids`` dataset (O(log N) element reads, never the whole index)."""
+        memo = self._memo.get("attrs")
+        if memo is not None:
+            return memo.get(video_id)
+        if "datasets" not in self._memo:
+            self._memo["datasets"] = (self._h5["index/ids"], self._h5["index/attrs"])
+        names, texts = self._memo["datasets"]
+        ids = self._memo.get("ids")
+        if ids is not None:
+            pos = bisect.bisect_left(ids, video_id)
+            found = pos < len(ids) and ids[pos] == video_id
+        else:
+            key = video_id.encode()  # UTF-8 bytes sort as the strings do
+            lo, hi = 0, names.shape[0]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if names[mid] < key:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            found = lo < names.shape[0] and names[lo] == key
+            pos = lo
+        return texts[pos].decode() if found else None
+
     def all_attrs(self) -> dict[str, dict[str, Any]]:
-        """Attributes of every complete entry, reading the main file once."""
-        out: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            with h5py.File(self.path, "r") as f:
-                for video_id, group in f.get("videos", {}).items():
-                    out[video_id] = _attrs(group)
+        """Attributes of every complete entry (the store file's from its index)."""
+        out: dict[str, dict[str, Any]] = {vid: json.loads(text) for vid, text in self._main_attrs_json().items()}
         for video_id in self._staged_ids():
             try:
                 out[video_id] = self.attrs(video_id)
@@ -562,35 +745,50 @@ class FeatureCache:
         return dict(sorted(out.items()))
 
     def failures(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            with h5py.File(self.path, "r") as f:
-                for video_id, group in f.get("failed", {}).items():
-                    out[video_id] = _attrs(group)
+        out = self._stored_failures()
         out.update(self._staged_failures())
         done = set(self.ids())
         return {k: v for k, v in sorted(out.items()) if k not in done}
 
+    def summary(self, entries: dict[str, dict[str, Any]] | None = None,
+                failures: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """What ``cache ls`` says of a large store: counts, seconds of video, bytes on disk (store file + staged
+        entries), the spec, and how many entries were made with the official weights files."""
+        entries = self.all_attrs() if entries is None else entries
+        failures = self.failures() if failures is None else failures
+        size = (self.path.stat().st_size if self.path.exists() else 0) + self._scan_staged_bytes()
+        out: dict[str, Any] = {
+            "path": str(self.path), "format": self.FORMAT, "format_version": self.format_version,
+            "entries": len(entries), "failures": len(failures),
+            "seconds_of_video": sum(int(a.get("seconds", 0) or 0) for a in entries.values()),
+            "size_bytes": size, "staged_entries": len(self._staged_ids()), "spec": self.spec}
+        if self.FORMAT == FORMAT:
+            out["weights"] = {name: {"official": sum(1 for a in entries.values() if a.get(f"{name}_official")),
+                                     "unofficial": sum(1 for a in entries.values() if not a.get(f"{name}_official"))}
+                              for name in ("vgg19", "vggish")}
+        return out
+
     class _EntryContext:
-        def __init__(self, file: h5py.File, group: h5py.Group):
+        """One entry's group; closes its file at the end when that is a staged file (the store stays open)."""
+
+        def __init__(self, file: h5py.File | None, group: h5py.Group):
             self.file, self.group = file, group
 
         def __enter__(self) -> h5py.Group:
             return self.group
 
         def __exit__(self, *exc: object) -> None:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
 
     def _open_entry(self, video_id: str) -> "FeatureCache._EntryContext":
         staged = self.staging / f"{video_id}{STAGED_SUFFIX}"
         if staged.exists():
             f = h5py.File(staged, "r")
             return self._EntryContext(f, f["/"])
-        if self.path.exists():
-            f = h5py.File(self.path, "r")
-            if f"videos/{video_id}" in f:
-                return self._EntryContext(f, f["videos"][video_id])
-            f.close()
+        f = self._main()
+        if f is not None and video_id and "/" not in video_id and f"videos/{video_id}" in f:
+            return self._EntryContext(None, f["videos"][video_id])
         raise KeyError(f"{self.path}: no video {video_id!r}")
 
     # -- writing -------------------------------------------------------------------------------------------------
@@ -606,7 +804,7 @@ class FeatureCache:
         tmp = _temp_name(self.staging, "entry")
         ensure_space(self.staging, visual.size * 4 + audio.size * 4)
         try:
-            with h5py.File(tmp, "w") as f:
+            with new_file(tmp) as f:
                 f.create_dataset("visual", data=np.ascontiguousarray(visual, dtype=np.float32))
                 f.create_dataset("audio", data=np.ascontiguousarray(audio, dtype=np.float32))
                 for key, value in attrs.items():
@@ -711,66 +909,65 @@ class FeatureCache:
             p.unlink(missing_ok=True)
         self._staged_total = None
 
-    def _rewrite(self, spec: dict[str, Any] | None, shard: tuple[int, int] | None = None) -> None:
-        """Write the store anew with the staged entries folded in: ``spec`` and ``shard`` replace the recorded ones
-        when given, else those are kept."""
-        staged = set(self._staged_ids())
+    def _rewrite(self, spec: dict[str, Any] | None, shard: tuple[int, int] | None = None,
+                 point: str = "compact") -> None:
+        """Write the store anew (format_version 2) with the staged entries folded in: ``spec`` and ``shard`` replace
+        the recorded ones when given, else those are kept. ``point``: the fault point just before the rename."""
+        staged = self._staged_ids()
         failures = {**self._stored_failures(), **self._staged_failures()}
         tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}")
         needed = self.staged_bytes() + (self.path.stat().st_size if self.path.exists() else 0)
         ensure_space(self.path.parent, needed)
+        old = self._main()
+        root: dict[str, Any] = {"format": self.FORMAT, "format_version": FORMAT_VERSION}
+        if spec is not None:
+            root["feature_spec"] = json.dumps(spec, sort_keys=True)
+        elif old is not None and "feature_spec" in old.attrs:
+            root["feature_spec"] = old.attrs["feature_spec"]
+        if shard is not None:
+            root["shard"] = f"{shard[0]}/{shard[1]}"
+        elif old is not None and "shard" in old.attrs:
+            root["shard"] = old.attrs["shard"]
+        ids = sorted(set(self._main_ids()) | set(staged))
         try:
-            self._write_compacted(tmp, staged, failures, spec, shard)
+            write_store(tmp, root, [(video_id, self) for video_id in ids], failures)
         except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
             raise hdf5_write_error(self.path.parent, exc, needed) from None
-        fault_point("compact")
+        fault_point(point)
         _replace_atomically(tmp, self.path)
 
-    def _write_compacted(self, tmp: Path, staged: set[str], failures: dict[str, dict[str, Any]],
-                         spec: dict[str, Any] | None, shard: tuple[int, int] | None) -> None:
-        old = h5py.File(self.path, "r") if self.path.exists() else None
-        try:
-            with h5py.File(tmp, "w") as out:
-                out.attrs["format"] = self.FORMAT
-                out.attrs["format_version"] = FORMAT_VERSION
-                if spec is not None:
-                    out.attrs["feature_spec"] = json.dumps(spec, sort_keys=True)
-                elif old is not None and "feature_spec" in old.attrs:
-                    out.attrs["feature_spec"] = old.attrs["feature_spec"]
-                if shard is not None:
-                    out.attrs["shard"] = f"{shard[0]}/{shard[1]}"
-                elif old is not None and "shard" in old.attrs:
-                    out.attrs["shard"] = old.attrs["shard"]
-                videos = out.create_group("videos")
-                old_ids = set(old["videos"].keys()) if old is not None and "videos" in old else set()
-                for video_id in sorted(old_ids | staged):
-                    if video_id in staged:
-                        try:
-                            with h5py.File(self.staging / f"{video_id}{STAGED_SUFFIX}", "r") as src:
-                                src.copy(src["/"], videos, name=video_id)
-                        except OSError:
-                            if video_id in videos:
-                                del videos[video_id]
-                            self._quarantine(self.staging / f"{video_id}{STAGED_SUFFIX}")
-                    else:
-                        old.copy(old["videos"][video_id], videos, name=video_id)
-                failed = out.create_group("failed")
-                done = old_ids | staged
-                for video_id, record in sorted(failures.items()):
-                    if video_id not in done:
-                        group = failed.create_group(video_id)
-                        for key, value in record.items():
-                            group.attrs[key] = _storable(value)
-        finally:
-            if old is not None:
-                old.close()
+    def _copy_into(self, video_id: str, videos: h5py.Group) -> str | None:
+        """Copy entry ``video_id`` (staged, else the store file's) into ``videos``; its attributes as JSON text for
+        the index. None when there is no such entry (a staged file that cannot be opened is quarantined: the store
+        file's entry of that id, if any, is copied instead)."""
+        staged = self.staging / f"{video_id}{STAGED_SUFFIX}"
+        if staged.exists():
+            try:
+                src = h5py.File(staged, "r")
+            except OSError:
+                self._quarantine(staged)
+            else:
+                with src:
+                    _copy_entry(src["/"], videos, video_id)
+                    return _attrs_json(_attrs(src["/"]))
+        text = self._main_attrs_json().get(video_id)
+        if text is None:
+            return None
+        _copy_entry(self._main()["videos"][video_id], videos, video_id)
+        return text
 
-    def _stored_failures(self) -> dict[str, dict[str, Any]]:
-        if not self.path.exists():
-            return {}
-        with h5py.File(self.path, "r") as f:
-            return {k: _attrs(g) for k, g in f.get("failed", {}).items()}
+    def upgrade(self) -> int | None:
+        """Rewrite the store in the current format (staged entries folded in); returns the format_version it had
+        (None: no store file). A store already in the current format is left as it is."""
+        self._require_writer()
+        before = self.format_version
+        if before is None or before >= FORMAT_VERSION:
+            return before
+        folded = self._committed_staged_files()
+        self._rewrite(spec=None, point="upgrade")
+        self._clear_staging(folded)
+        return before
 
     def forget_failure(self, video_id: str) -> None:
         """Drop a staged failure record (a retried video that fails again records a new one)."""
@@ -778,6 +975,63 @@ class FeatureCache:
         failed = self.staging / f"{video_id}{FAILED_SUFFIX}"
         if failed.exists():
             failed.unlink()
+
+
+def write_store(tmp: Path, root: dict[str, Any], entries: Iterable[tuple[str, FeatureCache]],
+                failures: dict[str, dict[str, Any]], point_each: str | None = None) -> None:
+    """Write a complete format_version 2 store at ``tmp``: root attributes ``root``, each ``(id, reader)`` entry
+    copied from its reader (group, arrays and attributes in one HDF5 copy), the failures of ids without an entry, and
+    the index. The caller fsyncs and renames it into place."""
+    with new_file(tmp) as out:
+        for key, value in root.items():
+            out.attrs[key] = value
+        videos = out.create_group("videos")
+        ids, texts = [], []
+        for video_id, reader in entries:
+            text = reader._copy_into(video_id, videos)
+            if text is None:
+                continue
+            ids.append(video_id)
+            texts.append(text)
+            if point_each:
+                fault_point(point_each)
+        failed = out.create_group("failed")
+        done = set(ids)
+        failed_ids, failed_texts = [], []
+        for video_id, record in sorted(failures.items()):
+            if video_id in done:
+                continue
+            group = failed.create_group(video_id)
+            for key, value in record.items():
+                group.attrs[key] = _storable(value)
+            failed_ids.append(video_id)
+            failed_texts.append(_attrs_json(record))
+        fault_point("write-index")
+        index = out.create_group("index")
+        _write_strings(index, "ids", ids)
+        _write_strings(index, "attrs", texts)
+        _write_strings(index, "failed_ids", failed_ids)
+        _write_strings(index, "failed_attrs", failed_texts)
+
+
+def upgrade(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``avepipe cache upgrade``: rewrite a feature cache or decoded store in the current format_version (a writer:
+    refuses a store that another process is writing). Returns (format_version before, after, number of videos)."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"{path}: no such cache")
+    kind = FeatureCache
+    if file_format(path) == "avepipe-decoded":
+        from avepipe.decoded import DecodedStore
+
+        kind = DecodedStore
+    store = kind(path, "a")
+    try:
+        before = store.upgrade()
+        count = len(store.ids())
+    finally:
+        store.close()
+    return before or FORMAT_VERSION, FORMAT_VERSION, count
 
 
 def describe_spec_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -858,34 +1112,40 @@ def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, overwrite: bo
                 continue
             owner[video_id] = reader
     # Written under a hidden name beside ``out`` and renamed onto it when complete: a merge killed at any moment
-    # leaves no ``out`` that looks like a complete cache (a rerun starts the hidden one afresh).
+    # leaves no ``out`` that looks like a complete cache (a rerun removes the hidden file and starts afresh). Each entry
+    # is one HDF5 copy of its group (arrays and attributes) from its input into the output.
     building = out.with_name(f".{out.name}.merging")
-    writer = FeatureCache(building, "a")  # its lock: one merge into ``out`` at a time
+    writer = FeatureCache(building, "a")  # its lock: one merge into ``out`` at a time; removes a killed merge's file
+    tmp = building.with_name(f".{building.name}.compact-{os.getpid()}")
     try:
-        building.unlink(missing_ok=True)  # what a killed merge left: start from nothing
+        building.unlink(missing_ok=True)  # what a killed merge of an earlier version left: start from nothing
         writer._clear_staging()
-        if spec is not None:
-            writer.ensure_spec(spec)
-        for video_id, reader in sorted(owner.items()):
-            entry = reader.get(video_id)
-            writer.put(video_id, entry.visual, entry.audio, entry.attrs)
-            fault_point("merge-put")
+        failures: dict[str, dict[str, Any]] = {}
         for reader in readers:
-            for video_id, record in reader.failures().items():
-                if video_id not in owner:
-                    writer.put_failure(video_id, record.get("source_path", ""), record.get("error", ""))
+            failures.update({vid: record for vid, record in reader.failures().items() if vid not in owner})
+        root: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        if spec is not None:
+            root["feature_spec"] = json.dumps(spec, sort_keys=True)
+        needed = sum(r.path.stat().st_size for r in readers if r.path.exists()) + sum(
+            r._scan_staged_bytes() for r in readers)
+        ensure_space(out.parent, needed)
+        try:
+            write_store(tmp, root, sorted(owner.items()), failures, point_each="merge-put")
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise hdf5_write_error(out.parent, exc, needed) from None
+        for reader in readers:
+            reader.close()
+        fault_point("merge-rename")
+        target = FeatureCache(out, "a") if out.exists() else None  # --overwrite: hold its lock, drop its staging
+        try:
+            if target is not None:
+                target._clear_staging()
+            _replace_atomically(tmp, out)
+        finally:
+            if target is not None:
+                target.close()
     finally:
-        writer.close()  # compacts into ``building``
-    fault_point("merge-rename")
-    target = FeatureCache(out, "a") if out.exists() else None  # --overwrite: hold its lock, drop its staging
-    try:
-        if target is not None:
-            target._clear_staging()
-        _replace_atomically(building, out)
-    finally:
-        if target is not None:
-            target.close()
-    lock_path(building).unlink(missing_ok=True)
-    if writer.staging.is_dir() and not any(writer.staging.iterdir()):
-        writer.staging.rmdir()
+        tmp.unlink(missing_ok=True)  # a merge that failed (a kill leaves it for the next merge to remove)
+        writer.release()
     return len(owner)

@@ -422,23 +422,93 @@ def localize(
     raise typer.Exit(EXIT_SOME_FAILED if any(r.error for r in results) else EXIT_OK)
 
 
-# --- avepipe cache: ls / merge ----------------------------------------------------------------------------------------
+# --- avepipe cache: ls / merge / upgrade ------------------------------------------------------------------------------
+
+LS_SUMMARY_OVER = 50  # `cache ls` of a store with more entries: a summary unless --limit / --all
 
 
 @cache_app.command("ls", cls=_Command, epilog=epilog(
     "avepipe cache ls features.h5",
-    "avepipe cache ls features.h5 --failed"))
+    "avepipe cache ls features.h5 --failed",
+    "avepipe cache ls features.h5 --limit 20",
+    "avepipe cache ls features.h5 --json"))
 def cache_ls(
     cache: Annotated[Path, typer.Argument(help="Cache file.")],
     failed: Annotated[bool, typer.Option("--failed", help="List only the failures.")] = False,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", min=0, help=f"List the first N videos (more than {LS_SUMMARY_OVER}: a summary by default).")] = None,
+    all_rows: Annotated[bool, typer.Option("--all", help="List every video, however many.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object: the summary and the rows listed.")] = False,
 ) -> None:
-    """List the videos in a cache or a decoded-frames store (and its recorded failures)."""
+    """List the videos in a cache or a decoded-frames store (and its recorded failures); a summary for a large one."""
     from avepipe.cache import FeatureCache, file_format
     from avepipe.decoded import DecodedStore
     from avepipe.render import render_cache
 
     kind = DecodedStore if file_format(cache) == DecodedStore.FORMAT else FeatureCache  # `avepipe decode`'s store too
-    render_cache(console, kind(cache, "r"), failed_only=failed)
+    reader = kind(cache, "r")
+    entries, failures = reader.all_attrs(), reader.failures()
+    if all_rows:
+        shown = entries
+    elif limit is not None:
+        shown = dict(list(entries.items())[:limit])
+    else:
+        shown = entries if len(entries) <= LS_SUMMARY_OVER else {}
+    if as_json:
+        import json
+
+        summary = reader.summary(entries, failures)
+        summary["rows"] = [] if failed else [{"id": vid, **attrs} for vid, attrs in shown.items()]
+        failed_shown = list(failures.items())
+        if not (failed or all_rows or len(shown) == len(entries)):
+            failed_shown = failed_shown[:limit or 0]
+        summary["failed_rows"] = [{"id": vid, **record} for vid, record in failed_shown]
+        typer.echo(json.dumps(summary, default=str))
+        return
+    if failed or len(shown) == len(entries):
+        render_cache(console, reader, failed_only=failed)
+        return
+    if shown:
+        render_cache(console, _Listed(reader, shown, {}))
+        console.print(f"first {plural(len(shown), 'video')} of {len(entries):,} (--all lists every one)")
+    render_cache_summary(console, reader.summary(entries, failures), listed=bool(shown))
+
+
+class _Listed:
+    """A reader seen through the rows ``cache ls`` lists (for :func:`avepipe.render.render_cache`)."""
+
+    def __init__(self, reader: Any, entries: dict[str, Any], failures: dict[str, Any]):
+        self._reader, self._entries, self._failures = reader, entries, failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+    def all_attrs(self) -> dict[str, Any]:
+        return self._entries
+
+    def failures(self) -> dict[str, Any]:
+        return self._failures
+
+
+def render_cache_summary(out: Any, summary: dict[str, Any], listed: bool = False) -> None:
+    """The summary ``cache ls`` prints for a store of more than LS_SUMMARY_OVER entries."""
+    seconds = summary["seconds_of_video"]
+    out.print(f"{summary['path']}: {summary['entries']:,} videos, {summary['failures']:,} failed, {seconds:,} s of "
+              f"video ({seconds / 3600:.1f} h), {summary['size_bytes'] / 1e6:,.1f} MB, format_version "
+              f"{summary['format_version']}" + (f", {summary['staged_entries']:,} staged (not yet compacted)"
+                                                if summary["staged_entries"] else ""), soft_wrap=True)
+    spec = summary["spec"] or {}
+    out.print("spec: " + (", ".join(f"{k}={v}" for k, v in sorted(spec.items()) if not k.endswith("sha256"))
+                          or "none recorded"), soft_wrap=True)
+    weights = summary.get("weights")
+    if weights:
+        parts = [f"{name} official in {w['official']:,} of {summary['entries']:,}"
+                 + (f" ([yellow]{w['unofficial']:,} unofficial[/])" if w["unofficial"] else "")
+                 for name, w in (("VGG-19", weights["vgg19"]), ("VGGish", weights["vggish"]))]
+        out.print("weights: " + "; ".join(parts), soft_wrap=True)
+    if not listed:
+        out.print(f"more than {LS_SUMMARY_OVER} videos: a summary (--limit N lists the first N, --all every one, "
+                  f"--failed the failures, --json all of it for a program)", soft_wrap=True)
 
 
 @cache_app.command("merge", cls=_Command, epilog=epilog("avepipe cache merge shard-0.h5 shard-1.h5 --out features.h5"))
@@ -455,6 +525,21 @@ def cache_merge(
 
     count = merge(inputs, out, overwrite=overwrite, allow_unsharded=allow_unsharded)
     console.print(f"merged {len(inputs)} caches into {out}: {plural(count, 'video')}")
+
+
+@cache_app.command("upgrade", cls=_Command, epilog=epilog("avepipe cache upgrade features.h5"))
+def cache_upgrade(
+    cache: Annotated[Path, typer.Argument(help="Cache file (or decoded store) to rewrite in the current format.")],
+) -> None:
+    """Rewrite a cache of an older format_version in the current one (any writer also does it at its next
+    compaction); refuses a cache still being written."""
+    from avepipe.cache import upgrade
+
+    before, after, count = upgrade(cache)
+    if before == after:
+        console.print(f"{cache}: already format_version {after} ({plural(count, 'video')})")
+    else:
+        console.print(f"{cache}: format_version {before} -> {after} ({plural(count, 'video')})")
 
 
 # --- avepipe weights: list / download / import / verify (avepipe/backbones/weights.py, download.py) -------------------

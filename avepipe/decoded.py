@@ -26,7 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from avepipe.cache import FeatureCache, ensure_space, hdf5_write_error
+from avepipe.cache import FeatureCache, ensure_space, hdf5_write_error, new_file
 from avepipe.decode import (
     FRAME_SHAPE,
     SECOND_BYTES,
@@ -80,7 +80,7 @@ class _Entry:
         ensure_space(store.staging, seconds * (SECOND_BYTES + 96 * 64 * 4))
         self.file = None
         with self.writing(store):
-            self.file = h5py.File(self.tmp, "w")
+            self.file = new_file(self.tmp)
             # LZF, one chunk per second: 2.41 -> 1.48 MB per second of video (trailer_bbb.mp4), ~35 ms to write and
             # ~14 ms to read a second on one core, a fraction of decoding it; gzip-1 saves 15% more at 1.6x the write
             # cost (docs/benchmarks.md, "Decoded store"). Readers need nothing: h5py decompresses LZF itself.

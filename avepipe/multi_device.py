@@ -126,6 +126,7 @@ def fold(target: FeatureCache, sources: list[Path]) -> int:
         for video_id, record in reader.failures().items():
             if video_id not in target:
                 target.put_failure(video_id, str(record.get("source_path", "")), str(record.get("error", "")))
+        reader.close()  # a reader keeps its file open: closed before the shard cache is deleted
     if sources:
         target.compact()  # everything is in the target file before any shard cache goes
     for source in sources:

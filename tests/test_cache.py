@@ -352,3 +352,143 @@ def test_removing_a_stale_lock_file_frees_the_cache(tmp_path):
         with FeatureCache(path, "a") as cache:
             cache.ensure_spec(SPEC)
             assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+# -- format_version 2 (issue 24): the index, new-style groups, v1 stores read and migrated ----------------------------
+
+def write_v1(path, count=4, failures=("gone",)):
+    """A store as avepipe wrote it before format_version 2: groups only, no index, HDF5's default (old-style) groups."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "avepipe-cache"
+        f.attrs["format_version"] = 1
+        f.attrs["feature_spec"] = json.dumps(SPEC, sort_keys=True)
+        videos = f.create_group("videos")
+        for i in range(count):
+            visual, audio = features(i)
+            group = videos.create_group(f"v{i}")
+            group.create_dataset("visual", data=visual)
+            group.create_dataset("audio", data=audio)
+            group.attrs.update({"seconds": 3, "source_path": f"/videos/v{i}.mp4", "source_mtime": 1.5 + i / 3,
+                                "vgg19_official": True, "precision": "fp32"})
+        failed = f.create_group("failed")
+        for vid in failures:
+            failed.create_group(vid).attrs.update({"source_path": f"/videos/{vid}.mp4", "error": "missing file",
+                                                   "failed_at": "2026-01-01T00:00:00Z"})
+
+
+def contents(path):
+    reader = FeatureCache(path)
+    out = {"spec": reader.spec, "failures": reader.failures(), "all_attrs": reader.all_attrs()}
+    for vid in reader.ids():
+        entry = reader.get(vid)
+        out[vid] = (entry.visual.tobytes(), entry.audio.tobytes(), entry.attrs)
+    reader.close()
+    return out
+
+
+def test_a_v2_store_has_an_index_and_new_style_groups(tmp_path):
+    path = tmp_path / "f.h5"
+    fill(path, ["b", "a", "c"])
+    with FeatureCache(path, "a") as cache:
+        cache.put_failure("bad", "/nowhere.mp4", "missing file")
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2
+        assert f.id.get_create_plist().get_version()[0] >= 2  # the 1.10 file format: new-style groups
+        assert f["index/ids"].asstr()[()].tolist() == ["a", "b", "c"]
+        attrs = [json.loads(text) for text in f["index/attrs"].asstr()[()]]
+        assert attrs[1] == {"seconds": 3, "source_path": "/videos/b.mp4"}
+        assert f["index/failed_ids"].asstr()[()].tolist() == ["bad"]
+        assert json.loads(f["index/failed_attrs"].asstr()[0])["error"] == "missing file"
+        assert sorted(f["videos"]) == ["a", "b", "c"] and "bad" in f["failed"]  # the groups stay, for h5py users
+    reader = FeatureCache(path)
+    assert reader.ids() == ["a", "b", "c"] and "b" in reader and "zz" not in reader
+    assert reader.all_attrs()["c"] == reader.attrs("c") and list(reader.failures()) == ["bad"]
+
+
+def test_a_reader_keeps_the_file_open_and_sees_a_replaced_store(tmp_path):
+    path = tmp_path / "f.h5"
+    fill(path, ["a"])
+    reader = FeatureCache(path)
+    reader.get("a")
+    opened = reader._h5
+    reader.get("a")
+    assert reader._h5 is opened and opened.id.valid  # one open file across reads
+    fill(path, ["a", "b"])  # a writer compacts: a new file renamed over the store
+    assert reader.ids() == ["a", "b"] and reader.get("b").attrs["seconds"] == 3
+    assert reader._h5 is not opened
+    reader.close()
+    assert reader._h5 is None
+
+
+def test_a_v1_store_is_read_and_migrated_by_the_next_compaction(tmp_path):
+    path = tmp_path / "f.h5"
+    write_v1(path)
+    before = contents(path)
+    reader = FeatureCache(path)
+    assert reader.format_version == 1 and reader.ids() == ["v0", "v1", "v2", "v3"] and "v2" in reader
+    assert list(reader.failures()) == ["gone"] and reader.all_attrs()["v1"]["source_mtime"] == 1.5 + 1 / 3
+    reader.close()
+    with FeatureCache(path, "a") as cache:
+        cache.put("new", *features(9), {"seconds": 3})
+    after = contents(path)
+    assert after.pop("new")[2] == {"seconds": 3}
+    after["all_attrs"].pop("new")
+    assert after == before
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2 and "index" in f
+        assert f.id.get_create_plist().get_version()[0] >= 2
+
+
+def test_cache_upgrade_migrates_a_v1_store_with_identical_contents(tmp_path):
+    path = tmp_path / "f.h5"
+    write_v1(path)
+    before = contents(path)
+    done = run_cli("cache", "upgrade", path)
+    assert done.returncode == 0, done.stderr
+    assert "format_version 1 -> 2 (4 videos)" in done.stdout
+    assert contents(path) == before
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2 and f["index/ids"].asstr()[()].tolist() == ["v0", "v1", "v2", "v3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no lock, staging or temporary left
+    again = run_cli("cache", "upgrade", path)
+    assert again.returncode == 0 and "already format_version 2" in again.stdout
+
+
+def test_cache_upgrade_refuses_a_cache_being_written_and_a_missing_one(tmp_path):
+    path = tmp_path / "f.h5"
+    write_v1(path)
+    with FeatureCache(path, "a"):
+        refused = run_cli("cache", "upgrade", path)
+    assert refused.returncode == 2 and "another avepipe process" in refused.stderr
+    assert FeatureCache(path).format_version == 1
+    missing = run_cli("cache", "upgrade", tmp_path / "nothing.h5")
+    assert missing.returncode == 2 and "no such cache" in missing.stderr
+    assert not (tmp_path / "nothing.h5").exists()
+
+
+def test_a_newer_format_version_is_refused(tmp_path):
+    path = tmp_path / "f.h5"
+    fill(path, ["a"])
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(CacheError, match="format_version 99, written by a newer avepipe"):
+        FeatureCache(path)
+
+
+def test_cache_ls_summarises_a_large_store(tmp_path):
+    path = tmp_path / "f.h5"
+    fill(path, [f"v{i:02d}" for i in range(55)])
+    summary = run_cli("cache", "ls", path)
+    assert summary.returncode == 0, summary.stderr
+    assert "55 videos, 0 failed, 165 s of video" in summary.stdout and "v03" not in summary.stdout
+    assert "--limit N" in summary.stdout
+    limited = run_cli("cache", "ls", path, "--limit", "2")
+    assert "v00" in limited.stdout and "v01" in limited.stdout and "v02" not in limited.stdout
+    assert "first 2 videos of 55" in limited.stdout
+    every = run_cli("cache", "ls", path, "--all")
+    assert "v54" in every.stdout and "v00" in every.stdout
+    listed = json.loads(run_cli("cache", "ls", path, "--json", "--limit", "3").stdout)
+    assert listed["entries"] == 55 and listed["seconds_of_video"] == 165 and listed["format_version"] == 2
+    assert [row["id"] for row in listed["rows"]] == ["v00", "v01", "v02"] and listed["rows"][0]["seconds"] == 3
+    assert listed["spec"] == SPEC and listed["weights"]["vgg19"] == {"official": 0, "unofficial": 55}
+    assert json.loads(run_cli("cache", "ls", path, "--json").stdout)["rows"] == []

@@ -6,7 +6,9 @@ same failures, and no temporary or hidden file left.
 Points: ``stage-entry`` (a staged entry written, not yet renamed), ``partial-chunk`` (a long video's chunk written, not
 yet renamed), ``compact`` (a compacted store written, not yet renamed over the old one), ``compact-cleared`` (renamed,
 its staged entries not yet removed), ``decoded-second`` (a decoded store's entry half filled), ``merge-put`` (a merge
-half staged), ``merge-rename`` (the merged output complete under its hidden name). The checkpoint of ``train`` is not
+half copied), ``merge-rename`` (the merged output complete under its hidden name), ``write-index`` (a store's
+entries written, its index not yet: compaction and merge), ``upgrade`` (``cache upgrade``: the format_version 2 copy
+complete, not yet renamed over the format_version 1 store). The checkpoint of ``train`` is not
 covered here (avepipe/train.py writes it; tests/test_train_resume.py).
 """
 
@@ -40,6 +42,10 @@ elif command == "decode":
 elif command == "merge":
     from avepipe.cache import merge
     merge(paths, out)
+    sys.exit(0)
+elif command == "upgrade":
+    from avepipe.cache import upgrade
+    upgrade(out)
     sys.exit(0)
 sys.exit(report.exit_code)
 """
@@ -118,13 +124,14 @@ MATRIX = [
     ("extract", "compact:1"),
     ("extract", "compact:2"),
     ("extract", "compact-cleared:1"),
+    ("extract", "write-index:2"),
     ("decode", "decoded-second:3"),
     ("decode", "stage-entry:1"),
     ("decode", "compact:2"),
     ("decode", "compact-cleared:1"),
     ("merge", "merge-put:2"),
     ("merge", "merge-rename:1"),
-    ("merge", "compact:2"),
+    ("merge", "write-index:1"),
 ]
 
 
@@ -156,3 +163,23 @@ def test_a_kill_at_each_write_point_then_a_rerun_gives_the_clean_result(tmp_path
     assert _leftovers(tmp_path) == []
     with h5py.File(target, "r"):
         pass
+
+
+@pytest.mark.parametrize("fault", ["write-index:1", "upgrade:1"])
+def test_a_kill_during_an_upgrade_leaves_the_v1_store_and_the_next_writer_migrates_it(tmp_path, fault):
+    from avepipe.cache import FeatureCache
+    from tests.test_cache import write_v1
+
+    target = tmp_path / "f.h5"
+    write_v1(target)
+    before = _snapshot(target)
+    killed = _run("upgrade", target, [], fault)
+    assert killed.returncode == -9, f"{fault} was not reached: {killed.returncode} {killed.stderr[-1500:]}"
+    assert _snapshot(target) == before  # the previous complete version, untouched
+    with h5py.File(target, "r") as f:
+        assert f.attrs["format_version"] == 1 and "index" not in f
+    assert _leftovers(tmp_path)  # the killed writer's temporary, never read
+    rerun = _run("upgrade", target, [])
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _snapshot(target) == before and FeatureCache(target).format_version == 2
+    assert _leftovers(tmp_path) == []
