@@ -53,6 +53,7 @@ FORMAT = "avepipe-cache"
 FORMAT_VERSION = 2
 LIBVER = ("v110", "v110")  # the HDF5 1.10 file format: new-style groups, readable by HDF5 >= 1.10 (h5py >= 2.10)
 STAGED_SUFFIX = ".h5"
+INDEX_BLOCK = 128  # one lookup reads every 128th id of the index (once per file), then one block of 128 ids
 FAILED_SUFFIX = ".failed.json"
 
 
@@ -710,7 +711,7 @@ class FeatureCache:
 
     def _index_attrs_json(self, video_id: str) -> str | None:
         """The index's JSON attributes of ``video_id`` (None: not in the index): from the whole index when it has been
-        read, else by a binary search of the sorted ``ids`` dataset (O(log N) element reads, never the whole index)."""
+        read, else from two reads of the sorted ``ids`` dataset (a sample of it, kept per file, then one block)."""
         memo = self._memo.get("attrs")
         if memo is not None:
             return memo.get(video_id)
@@ -722,16 +723,17 @@ class FeatureCache:
             pos = bisect.bisect_left(ids, video_id)
             found = pos < len(ids) and ids[pos] == video_id
         else:
+            # Two reads whatever N: every INDEX_BLOCK-th id (kept per file), then the block that can hold the id.
             key = video_id.encode()  # UTF-8 bytes sort as the strings do
-            lo, hi = 0, names.shape[0]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if names[mid] < key:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            found = lo < names.shape[0] and names[lo] == key
-            pos = lo
+            if "sample" not in self._memo:
+                self._memo["sample"] = names[::INDEX_BLOCK].tolist() if names.shape[0] else []
+            block = bisect.bisect_right(self._memo["sample"], key) - 1
+            if block < 0:
+                return None
+            start = block * INDEX_BLOCK
+            chunk = names[start:start + INDEX_BLOCK].tolist()
+            i = bisect.bisect_left(chunk, key)
+            found, pos = i < len(chunk) and chunk[i] == key, start + i
         return texts[pos].decode() if found else None
 
     def all_attrs(self) -> dict[str, dict[str, Any]]:

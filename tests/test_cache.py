@@ -492,3 +492,25 @@ def test_cache_ls_summarises_a_large_store(tmp_path):
     assert [row["id"] for row in listed["rows"]] == ["v00", "v01", "v02"] and listed["rows"][0]["seconds"] == 3
     assert listed["spec"] == SPEC and listed["weights"]["vgg19"] == {"official": 0, "unofficial": 55}
     assert json.loads(run_cli("cache", "ls", path, "--json").stdout)["rows"] == []
+
+
+def test_one_lookup_reads_its_attributes_from_the_index_across_blocks(tmp_path):
+    from avepipe.cache import INDEX_BLOCK
+
+    path = tmp_path / "f.h5"
+    ids = [f"v{i:04d}" for i in range(2 * INDEX_BLOCK + 3)]
+    with FeatureCache(path, "a") as cache:
+        for i, vid in enumerate(ids):
+            cache.put(vid, np.zeros((1, 1, 1, 2), np.float32), np.zeros((1, 128), np.float32),
+                      {"seconds": 1, "n": i, "source_mtime": i / 7})
+    for vid in (ids[0], ids[INDEX_BLOCK - 1], ids[INDEX_BLOCK], ids[-1]):
+        reader = FeatureCache(path)  # a fresh reader: the lookup, not the whole index
+        with h5py.File(path, "r") as f:
+            want = {k: (v.item() if hasattr(v, "item") else v) for k, v in f["videos"][vid].attrs.items()}
+        assert reader.get(vid).attrs == want and reader.attrs(vid) == want
+        assert "attrs" not in reader._memo
+        reader.close()
+    reader = FeatureCache(path)
+    with pytest.raises(KeyError):
+        reader.get("v9999")
+    assert reader._index_attrs_json("a") is None and reader._index_attrs_json("zz") is None
