@@ -1016,17 +1016,15 @@ def write_store(tmp: Path, root: dict[str, Any], entries: Iterable[tuple[str, Fe
         _write_strings(index, "failed_attrs", failed_texts)
 
 
-def upgrade(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``avepipe cache upgrade``: rewrite a feature cache or decoded store in the current format_version (a writer:
-    refuses a store that another process is writing). Returns (format_version before, after, number of videos)."""
+def upgrade(path: str | os.PathLike, kinds: Iterable[type[FeatureCache]] = ()) -> tuple[int, int, int]:
+    """``avepipe cache upgrade``: rewrite a feature cache, or a store of one of ``kinds`` (subclasses with their own
+    ``FORMAT``, e.g. avepipe.decoded's: passed in, as this module sits below them), in the current format_version (a
+    writer: refuses a store that another process is writing). Returns (format_version before, after, videos)."""
     path = Path(path)
     if not path.exists():
         raise CacheError(f"{path}: no such cache")
-    kind = FeatureCache
-    if file_format(path) == "avepipe-decoded":
-        from avepipe.decoded import DecodedStore
-
-        kind = DecodedStore
+    found = file_format(path)
+    kind = next((k for k in kinds if k.FORMAT == found), FeatureCache)
     store = kind(path, "a")
     try:
         before = store.upgrade()

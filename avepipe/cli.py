@@ -534,8 +534,9 @@ def cache_upgrade(
     """Rewrite a cache of an older format_version in the current one (any writer also does it at its next
     compaction); refuses a cache still being written."""
     from avepipe.cache import upgrade
+    from avepipe.decoded import DecodedStore
 
-    before, after, count = upgrade(cache)
+    before, after, count = upgrade(cache, kinds=[DecodedStore])
     if before == after:
         console.print(f"{cache}: already format_version {after} ({plural(count, 'video')})")
     else:

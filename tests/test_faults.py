@@ -45,7 +45,8 @@ elif command == "merge":
     sys.exit(0)
 elif command == "upgrade":
     from avepipe.cache import upgrade
-    upgrade(out)
+    from avepipe.decoded import DecodedStore
+    upgrade(out, kinds=[DecodedStore])
     sys.exit(0)
 sys.exit(report.exit_code)
 """
