@@ -109,15 +109,16 @@ def test_row3_a_merge_killed_midway_leaves_no_output_and_the_rerun_finishes_it(t
     a = _small_cache(tmp_path / "a.h5", [f"a{i}" for i in range(4)], 1)
     b = _small_cache(tmp_path / "b.h5", [f"b{i}" for i in range(4)], 2)
     out = tmp_path / "out.h5"
-    program = (  # SIGKILL at the third staged video (patched in, so the old code is killed at the same moment)
+    program = (  # SIGKILL at the third copied video (a merge copies each entry's group: FeatureCache._copy_into)
         "import os, signal, sys\n"
         "from avepipe.cache import FeatureCache, merge\n"
-        "orig, count = FeatureCache.put, [0]\n"
-        "def put(self, *args):\n"
-        "    orig(self, *args)\n"
+        "orig, count = FeatureCache._copy_into, [0]\n"
+        "def copy(self, *args):\n"
+        "    text = orig(self, *args)\n"
         "    count[0] += 1\n"
         "    if count[0] == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "FeatureCache.put = put\n"
+        "    return text\n"
+        "FeatureCache._copy_into = copy\n"
         "merge(sys.argv[1:3], sys.argv[3])\n"
     )
     killed = subprocess.run([sys.executable, "-c", program, str(a), str(b), str(out)], capture_output=True, text=True)
