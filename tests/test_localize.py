@@ -102,7 +102,8 @@ def test_merge_spans_and_parse_span():
         {"label": "background", "start": 3, "end": 4}, {"label": "Dog", "start": 4, "end": 5},
     ]
     assert parse_span("3-6") == (3, 6)
-    for bad in ("6-3", "3", "a-b", "-1-2"):
+    assert parse_span("0-1") == (0, 1)
+    for bad in ("6-3", "3-3", "3", "a-b", "-1-2"):  # 3-3: a query of no second
         with pytest.raises(UsageError):
             parse_span(bad)
 

@@ -69,6 +69,28 @@ def test_resume_continues_exactly(tmp_path, synthetic_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_selection_takes_the_first_val_maximum_and_never_looks_at_test(tmp_path, synthetic_run, monkeypatch):
+    """Scripted curves where val and test disagree and val ties: the kept epoch is the first val maximum (2), not the
+    tie's later epoch (3) nor the best test epoch (4), which is reported only as the ORACLE."""
+    import avepipe.train as train_module
+
+    curves = {"val": [0.5, 0.7, 0.7, 0.6], "test": [0.9, 0.1, 0.2, 0.95]}
+    calls = {"val": 0, "test": 0}
+
+    def scripted(model, data, split, task, direction, batch_size=256):
+        i = calls[split]
+        calls[split] += 1
+        return curves[split][i] if i < len(curves[split]) else -1.0  # the final test of the kept checkpoint
+
+    monkeypatch.setattr(train_module, "evaluate_split", scripted)
+    features, annotations = synthetic_run
+    metrics = train(TrainOptions("avel", "supervised", str(tmp_path / "run"), epochs=4, batch_size=8, device="cpu"),
+                    DataPaths(str(features), str(annotations)))
+    assert metrics["best_epoch"] == 2 and metrics["val_segment_accuracy"] == 0.7
+    assert metrics["oracle_best_test_epoch"] == 4 and metrics["oracle_best_test_segment_accuracy"] == 0.95
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["metrics"]["best_epoch"] == 2
+
+
 def test_checkpoint_is_chosen_on_val(tmp_path, synthetic_run):
     features, annotations = synthetic_run
     metrics = train(TrainOptions("avel", "supervised", str(tmp_path / "run"), epochs=4, batch_size=8, device="cpu"),
