@@ -91,7 +91,7 @@ class TrainOptions:
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-def _optimizer(model: torch.nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
     name = train_cfg.get("optimizer", "adam").lower()
     lr, wd = float(train_cfg["lr"]), float(train_cfg.get("weight_decay", 0.0))
     if name == "adam":
@@ -175,7 +175,7 @@ def train(options: TrainOptions, paths: DataPaths, on_epoch: EpochCallback | Non
     model = build_model(options.model, options.task, config["model"]).to(device)
     train_cfg = config["train"]
     data.splits["train"].batch_order = train_cfg.get("batch_order", "shuffled")  # data.tasks.batches
-    optimizer = _optimizer(model, train_cfg)
+    optimizer = make_optimizer(model, train_cfg)
     scheduler = _scheduler(optimizer, train_cfg)
     shuffle = torch.Generator().manual_seed(options.seed)
     class_names = data.categories + ["background"]  # a resumed run's own order (see load_task_data)

@@ -24,7 +24,7 @@ from avepipe.data.features import FeatureTable  # noqa: E402
 from avepipe.data.synthetic import make_synthetic_ave  # noqa: E402
 from avepipe.data.tasks import RowSet, batch  # noqa: E402
 from avepipe.models import build_model, get_spec, model_names  # noqa: E402
-from avepipe.train import _optimizer, forward  # noqa: E402
+from avepipe.train import forward, make_optimizer  # noqa: E402
 
 
 def synthetic_table(videos: int, device: torch.device) -> tuple[FeatureTable, RowSet]:
@@ -84,7 +84,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = build_model(name, task).to(device)
             cfg = spec.default_config.get("train", {})
-            optimizer = _optimizer(model, cfg)
+            optimizer = make_optimizer(model, cfg)
             batch_size = args.batch_size or int(cfg.get("batch_size", 64))
             generator = torch.Generator().manual_seed(0)
             epoch(model, optimizer, table, rows, task, batch_size, device, generator)  # warm-up
