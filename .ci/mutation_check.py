@@ -9,7 +9,10 @@ tests, and the original line is put back. First every distinct test selection ru
 that already fails or errors would "kill" anything). A mutant counts as killed when pytest reports failing tests
 (exit status 1) or runs past --timeout; any other status (collection or usage error) is an invalid mutant.
 
-    python .ci/mutation_check.py [--mutants .ci/mutants.toml] [--jobs 2] [--only NAME ...]
+    python .ci/mutation_check.py [--mutants .ci/mutants.toml] [--jobs 2] [--only NAME ...] [--no-baseline]
+
+``--no-baseline`` (what .ci/run uses) skips the unmutated runs: there the whole suite has just passed, in the same
+environment, so every selection's tests are known to pass unmutated.
 
 Prints one line per mutant and "N/N mutants killed"; exits non-zero on a survivor, an invalid mutant or a failing
 baseline.
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run")
     parser.add_argument("--only", nargs="*", help="run only these mutants (by name)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the unmutated runs: only right after the whole suite passed in the same run "
+                             "(.ci/run), where each selection's tests have just passed unmutated")
     args = parser.parse_args(argv)
     mutants = load_mutants(args.mutants)
     if args.only:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="avepipe-mutation-") as tmp:
         workers = Workers(Path(tmp))
         check_copy_is_imported(workers.copy())
-        selections = list(dict.fromkeys(m.selection() for m in mutants))
+        selections = [] if args.no_baseline else list(dict.fromkeys(m.selection() for m in mutants))
         with ThreadPoolExecutor(args.jobs) as pool:
             failed_baselines = []
             for (tests, k), code, output, seconds in pool.map(lambda s: baseline(workers, s, args.timeout),
