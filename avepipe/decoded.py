@@ -83,7 +83,7 @@ class _Entry:
             self.file = new_file(self.tmp)
             # LZF, one chunk per second: 2.41 -> 1.48 MB per second of video (trailer_bbb.mp4), ~35 ms to write and
             # ~14 ms to read a second on one core, a fraction of decoding it; gzip-1 saves 15% more at 1.6x the write
-            # cost (docs/benchmarks.md, "Decoded store"). Readers need nothing: h5py decompresses LZF itself.
+            # cost (docs/benchmarks.md, "Decoded store compression"). Readers need nothing: h5py reads LZF itself.
             self.frames = self.file.create_dataset("frames", shape=(seconds, *FRAME_SHAPE), dtype=np.uint8,
                                                    chunks=(1, *FRAME_SHAPE), compression="lzf")
         self.filled = 0
