@@ -254,8 +254,13 @@ def load(path):
     out = {}
     if not os.path.exists(path):
         sys.exit(f"{path}: missing")
+    # The feature arrays; not /index (format_version 2): it holds each entry's attributes, whose paths and times
+    # differ between the image and the local run by design (the groups' attributes are not compared either).
+    def keep(name, obj):
+        if isinstance(obj, h5py.Dataset) and not name.startswith("index/"):
+            out[name] = obj[()]
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(keep)
         return out, f.attrs.get("feature_spec"), sorted(f.get("failed", {}))
 (a, spec_a, failed_a), (b, spec_b, failed_b) = load(sys.argv[1]), load(sys.argv[2])
 problems = []
