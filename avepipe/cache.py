@@ -814,12 +814,7 @@ class FeatureCache:
         except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
             raise hdf5_write_error(self.staging, exc) from None
-        fault_point("stage-entry")
-        _replace_atomically(tmp, final)
-        self._count_staged(final)
-        failed = self.staging / f"{video_id}{FAILED_SUFFIX}"
-        if failed.exists():
-            failed.unlink()
+        self.commit_staged(video_id, tmp, final)
 
     def stage_paths(self, video_id: str) -> tuple[Path, Path]:
         """(temporary, final) staging paths of one entry, for writers that fill an entry in several steps: write the
@@ -829,6 +824,8 @@ class FeatureCache:
         return _temp_name(self.staging, "entry"), self.staging / f"{video_id}{STAGED_SUFFIX}"
 
     def commit_staged(self, video_id: str, tmp: Path, final: Path) -> None:
+        """Rename a complete temporary entry into place (the one step that makes it visible), keep the staged byte
+        count, and drop a failure recorded for the id earlier."""
         fault_point("stage-entry")
         _replace_atomically(tmp, final)
         self._count_staged(final)
